@@ -1,0 +1,143 @@
+"""Typed schemas behind the YAML in conf/, and the range checks the types cannot express.
+
+The schemas are registered with Hydra's ConfigStore as `config_schema`, which conf/config.yaml
+lists first in its defaults, so a misspelt key or a value of the wrong type fails at compose time
+with the key's full name. Range checks (a negative learning rate, a dropout of 1.5) run in
+`check_ranges` before any data is read or any run is started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+UCI_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/abalone/abalone.data"
+UCI_SHA256 = "de37cdcdcaaa50c309d514f248f7c2302a5f1f88c168905eba23fe2fbc78449f"
+
+
+class AbaloneError(Exception):
+    """An expected failure (bad setting, bad data, unreachable server) with a message for users."""
+
+
+class ConfigError(AbaloneError, ValueError):
+    """A setting is out of range; the message names the key."""
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    exponential = "exponential"
+
+
+class OptimizerName(str, Enum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+@dataclass
+class ModelConfig:
+    """An MLP: `depth` hidden layers, the first `units` wide, each next one `taper` times as wide."""
+
+    _target_: str = "abalone.model.build_regressor"
+    units: int = 64
+    depth: int = 3
+    taper: float = 0.5
+    activation: str = "relu"
+    dropout: float = 0.2
+    batch_norm: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = "abalone.model.build_optimizer"
+    name: OptimizerName = OptimizerName.adam
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    schedule: Schedule = Schedule.constant
+    decay_rate: float = 0.95  # exponential schedule: factor per epoch
+    final_lr_fraction: float = 0.0  # cosine schedule: lr at the end, as a fraction of lr
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # else $ABALONE_DATA, else the UCI download cached in cache_dir
+    url: str = UCI_URL
+    sha256: str = UCI_SHA256
+    cache_dir: str = "~/.cache/abalone"
+    # The holdout is the AWS sample's: train_test_split(test_size=0.2, random_state=42).
+    test_fraction: float = 0.2
+    holdout_seed: int = 42
+    val_fraction: float = 0.2  # of the rows left after the holdout
+    split_seed: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 100
+    batch_size: int = 32
+    patience: int = 10  # early stopping on val_loss; 0 turns it off
+    seed: int = 42
+    verbose: int = 1  # 0: summary only, 1: one line per epoch
+    steps_per_execution: int = 1
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "abalone-tensorflow-experiment"
+    registered_model: str = "abalone-tensorflow-model"
+    register: bool = True
+    run_name: Optional[str] = None
+    # Seconds to wait for the tracking server before giving up (MLflow's own default is minutes).
+    connect_timeout: float = 10.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key} must be {rule}, got {value!r}")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Raise ConfigError naming the first key whose value is out of its range."""
+    m, o, d, t, tr = cfg.model, cfg.optimizer, cfg.data, cfg.trainer, cfg.tracking
+    _require(m.units >= 1, "model.units", ">= 1", m.units)
+    _require(m.depth >= 1, "model.depth", ">= 1", m.depth)
+    _require(m.taper > 0, "model.taper", "> 0", m.taper)
+    _require(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    _require(o.lr > 0, "optimizer.lr", "> 0", o.lr)
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0", o.weight_decay)
+    _require(0 <= o.momentum < 1, "optimizer.momentum", "in [0, 1)", o.momentum)
+    _require(0 < o.decay_rate <= 1, "optimizer.decay_rate", "in (0, 1]", o.decay_rate)
+    _require(0 <= o.final_lr_fraction <= 1, "optimizer.final_lr_fraction", "in [0, 1]",
+             o.final_lr_fraction)
+    _require(0 < d.test_fraction < 1, "data.test_fraction", "in (0, 1)", d.test_fraction)
+    _require(0 < d.val_fraction < 1, "data.val_fraction", "in (0, 1)", d.val_fraction)
+    _require(t.epochs >= 1, "trainer.epochs", ">= 1", t.epochs)
+    _require(t.batch_size >= 1, "trainer.batch_size", ">= 1", t.batch_size)
+    _require(t.patience >= 0, "trainer.patience", ">= 0", t.patience)
+    _require(t.verbose in (0, 1), "trainer.verbose", "0 or 1", t.verbose)
+    _require(t.steps_per_execution >= 1, "trainer.steps_per_execution", ">= 1",
+             t.steps_per_execution)
+    _require(tr.connect_timeout > 0, "tracking.connect_timeout", "> 0", tr.connect_timeout)
+    _require(bool(tr.experiment), "tracking.experiment", "a non-empty name", tr.experiment)
+    _require(bool(tr.registered_model) or not tr.register, "tracking.registered_model",
+             "a non-empty name when tracking.register=true", tr.registered_model)

@@ -1,0 +1,230 @@
+"""`python -m abalone.train [overrides]`: one tracked training run of the Abalone regressor.
+
+Order matters for failing cleanly: config ranges, then data, then the tracking server are checked
+before a run exists; once the MLflow run has started, any error ends it FAILED (Ctrl-C: KILLED)
+and nothing is registered. Heavy imports (Keras, MLflow, scikit-learn) wait until the config has
+composed, so `--help` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Before TensorFlow and MLflow load: keep their INFO lines and progress bars off the terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from abalone.config import AbaloneError, ConfigError, check_ranges  # noqa: E402
+
+log = logging.getLogger("abalone")
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    metrics: dict[str, float]
+    epochs_run: int
+    fit_seconds: float
+    model_version: str | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """Hold back what native code writes to stderr (TensorFlow's absl lines, which ignore
+    TF_CPP_MIN_LOG_LEVEL before absl is initialised); replay it if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def import_keras():
+    """Import Keras (and its backend) and initialise the backend's devices, quietly."""
+    with _native_stderr_captured():
+        import keras
+
+        keras.ops.convert_to_numpy(keras.ops.zeros(1))
+    return keras
+
+
+class TrainingDiverged(AbaloneError):
+    """The loss became NaN or infinite."""
+
+
+def run_training(cfg: DictConfig, output_dir: Path) -> RunResult:
+    """Train, evaluate, log and register one model as `cfg` says."""
+    check_ranges(cfg)
+    from abalone import data
+
+    data_path = data.resolve_path(cfg.data)
+    frame = data.load(data_path)
+    data_sha256 = data.sha256_of(data_path)
+    splits = data.split(frame, cfg.data)
+
+    import mlflow
+
+    from abalone import tracking
+
+    client = None
+    if cfg.tracking.enabled:
+        experiment_id = tracking.connect(cfg.tracking)
+        client = mlflow.MlflowClient()
+
+    keras = import_keras()
+    from hydra.utils import instantiate
+
+    from abalone.callbacks import EpochPrinter, MlflowLogger
+    from abalone.serving import FEATURE_COLUMNS, NUMERIC_COLUMNS, model_inputs
+
+    t = cfg.trainer
+    keras.utils.set_random_seed(t.seed)
+    train_x, val_x, test_x = (model_inputs(f) for f in (splits.train, splits.val, splits.test))
+    train_y, val_y, test_y = (data.target(f) for f in (splits.train, splits.val, splits.test))
+    measurements = splits.train[list(NUMERIC_COLUMNS)].to_numpy("float64")
+    try:
+        model = instantiate(cfg.model, feature_mean=measurements.mean(axis=0),
+                            feature_variance=measurements.var(axis=0))
+    except ValueError as err:  # e.g. an unknown activation name
+        raise ConfigError(f"config group model: {err}") from err
+    steps_per_epoch = -(-len(splits.train) // t.batch_size)
+    optimizer = instantiate(cfg.optimizer, steps_per_epoch=steps_per_epoch, epochs=t.epochs)
+    model.compile(optimizer=optimizer, loss="mse",
+                  metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
+                           keras.metrics.MeanAbsoluteError(name="mae")],
+                  steps_per_execution=t.steps_per_execution)
+
+    callbacks: list = [keras.callbacks.TerminateOnNaN()]
+    if t.patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience,
+                                                       restore_best_weights=True))
+    if t.verbose:
+        callbacks.append(EpochPrinter(t.epochs))
+
+    run = (mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name)
+           if client else None)
+    run_id = run.info.run_id if run else None
+    try:
+        if client:
+            callbacks.append(MlflowLogger(client, run_id))
+            client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in
+                                             tracking.flat_params(cfg).items()],
+                             tags=[mlflow.entities.RunTag(k, v) for k, v in
+                                   tracking.run_tags(data_path, data_sha256).items()])
+            log.info("MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment,
+                     tracking.redact(cfg.tracking.uri))
+        fit_start = time.perf_counter()
+        history = model.fit(train_x, train_y, validation_data=(val_x, val_y), epochs=t.epochs,
+                            batch_size=t.batch_size, shuffle=True, verbose=0,
+                            callbacks=callbacks).history
+        fit_seconds = time.perf_counter() - fit_start
+        if not all(map(_finite, history.get("loss", [float("nan")]))):
+            raise TrainingDiverged("training loss became NaN or infinite; lower optimizer.lr "
+                                     "or change the model")
+
+        from abalone import evaluate
+
+        predicted = model.predict(test_x, batch_size=1024, verbose=0)
+        metrics = evaluate.regression_metrics(test_y, predicted, "test")
+        metrics.update(evaluate.regression_metrics(
+            val_y, model.predict(val_x, batch_size=1024, verbose=0), "best_val"))
+        result = RunResult(run_id, metrics, len(history["loss"]), fit_seconds, history=history)
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config_path = output_dir / "config.yaml"
+        config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        plots = evaluate.save_plots(history, test_y, predicted, output_dir / "plots")
+        keras_path = output_dir / "model.keras"
+        model.save(keras_path)
+        if client:
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifact(str(config_path))
+            for plot in plots:
+                mlflow.log_artifact(str(plot), artifact_path="plots")
+            sample = splits.test[list(FEATURE_COLUMNS)].head(5).reset_index(drop=True)
+            from abalone import serving
+
+            model_info = mlflow.pyfunc.log_model(
+                name="model", python_model=serving.__file__,
+                artifacts={serving.KERAS_MODEL_ARTIFACT: str(keras_path)},
+                signature=mlflow.models.infer_signature(sample, predicted[:5].reshape(-1)),
+                input_example=sample, pip_requirements=tracking.model_requirements())
+            if cfg.tracking.register:
+                version = mlflow.register_model(model_info.model_uri,
+                                                cfg.tracking.registered_model,
+                                                tags={"run_id": run_id, **{
+                                                    k: f"{v:.4f}" for k, v in metrics.items()}})
+                result.model_version = version.version
+    except KeyboardInterrupt:
+        if run:
+            mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        if run:
+            mlflow.end_run("FAILED")
+        raise
+    if run:
+        mlflow.end_run("FINISHED")
+    return result
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
+
+
+def _summary(cfg: DictConfig, result: RunResult, output_dir: Path) -> None:
+    m = result.metrics
+    log.info("done: %d epochs in %.1fs; test rmse %.4f  mae %.4f  r2 %.4f", result.epochs_run,
+             result.fit_seconds, m["test_rmse"], m["test_mae"], m["test_r2"])
+    log.info("outputs: %s", output_dir)
+    if result.run_id:
+        log.info("MLflow run id: %s", result.run_id)
+        if result.model_version:
+            log.info("registered: %s version %s", cfg.tracking.registered_model,
+                     result.model_version)
+        uri = cfg.tracking.uri
+        if uri.startswith(("http://", "https://")):
+            log.info("look: %s", uri)
+        else:
+            log.info("look: mlflow ui --backend-store-uri %s", uri)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = run_training(cfg, output_dir)
+    except AbaloneError as err:
+        if HydraConfig.get().mode is RunMode.RUN:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    _summary(cfg, result, output_dir)
+    return result.metrics["best_val_rmse"]
+
+
+if __name__ == "__main__":
+    main()
