@@ -103,7 +103,7 @@ def load(path: Path) -> pd.DataFrame:
     if not rows:
         raise DataError(f"{path}: no data rows")
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    frame[list(NUMERIC_COLUMNS)] = frame[list(NUMERIC_COLUMNS)].astype("float32")
+    frame[list(NUMERIC_COLUMNS)] = frame[list(NUMERIC_COLUMNS)].astype("float64")
     frame[TARGET] = frame[TARGET].astype("int64")
     return frame
 

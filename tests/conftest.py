@@ -1,0 +1,96 @@
+"""Shared fixtures: the real data file, a real `mlflow server` on 127.0.0.1, and the real CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# How long one tiny CLI run may take before the test calls it hung (import + 2 epochs ~ 15 s).
+CLI_TIMEOUT = 300
+
+
+@pytest.fixture(scope="session")
+def data_file() -> Path:
+    """The UCI file named by $ABALONE_DATA (CI points it at the shared copy)."""
+    value = os.environ.get("ABALONE_DATA")
+    if not value or not Path(value).is_file():
+        pytest.fail("set ABALONE_DATA to a copy of the UCI abalone.data file to run the tests")
+    return Path(value)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def start_mlflow_server(root: Path, *extra: str, env: dict | None = None):
+    """An `mlflow server` subprocess on 127.0.0.1 with its store under `root`; returns (url, proc)."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/server.db", *extra],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", proc)
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError((root / "server.log").read_text()[-3000:])
+    return url, proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory):
+    """A fresh server per test, proxying artifacts into its own folder."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    url, proc = start_mlflow_server(root, "--artifacts-destination", str(root / "artifacts"))
+    yield url
+    stop(proc)
+
+
+def run_cli(args: list[str], cwd: Path, data: Path | None, env: dict | None = None,
+            module: str = "abalone.train", timeout: float = CLI_TIMEOUT):
+    """`python -m abalone.train ARGS` in `cwd`, as a user would type it."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    full_env.pop("ABALONE_DATA", None)
+    if data is not None:
+        full_env["ABALONE_DATA"] = str(data)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# Tiny but real: two epochs of the default model, quiet terminal lines still on.
+TINY = ["trainer.epochs=2", "trainer.patience=0"]

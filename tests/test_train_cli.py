@@ -1,0 +1,162 @@
+"""End to end: the real `python -m abalone.train` in a subprocess, tracked by real MLflow stores."""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, free_port, run_cli
+
+EPOCH_METRICS = ("loss", "val_loss", "mae", "val_mae", "rmse", "val_rmse", "learning_rate",
+                 "epoch_duration")
+EXPERIMENT = "abalone-tensorflow-experiment"
+MODEL = "abalone-tensorflow-model"
+
+
+def runs_of(client: MlflowClient):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
+def assert_complete_run(tracking_uri: str, data_file, params: dict[str, str], monkeypatch,
+                        epochs: int = 2) -> str:
+    """Everything issue #2 promises of one finished run; returns the run id."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)  # for models:/ URIs, this test only
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    (run,) = runs_of(client)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        history = client.get_metric_history(run_id, key)
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(
+            range(1, epochs + 1)), key
+        assert all(np.isfinite(m.value) for m in history), key
+    assert run.data.metrics["total_training_time"] > 0
+    for key in ("test_rmse", "test_mae", "test_r2"):
+        assert np.isfinite(run.data.metrics[key]), key
+    for key, value in {**params, "trainer.epochs": str(epochs)}.items():
+        assert run.data.params[key] == value, key
+    assert {"model.depth", "model.dropout", "data.split_seed", "trainer.batch_size",
+            "tracking.uri", "tracking.registered_model"} <= set(run.data.params)
+    assert run.data.params["tracking.experiment"] == EXPERIMENT
+    from abalone.config import UCI_SHA256
+
+    assert run.data.tags["dataset.sha256"] == UCI_SHA256
+    assert run.data.tags["keras.backend"] == "tensorflow"
+    assert "keras.version" in run.data.tags and "tensorflow.version" in run.data.tags
+    assert "git.commit" in run.data.tags
+
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert "config.yaml" in artifacts
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/learning_curves.png", "plots/predicted_vs_actual.png",
+                     "plots/residuals.png"}
+
+    (version,) = client.search_model_versions(f"name='{MODEL}'")
+    assert str(version.version) == "1" and version.run_id == run_id
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
+    assert model.metadata.signature is not None
+    raw = pd.read_csv(data_file, header=None, nrows=20,
+                      names=["Sex", "Length", "Diameter", "Height", "Whole_weight",
+                             "Shucked_weight", "Viscera_weight", "Shell_weight", "Rings"])
+    predicted = np.asarray(model.predict(raw.drop(columns="Rings")))
+    assert predicted.shape == (20,) and np.isfinite(predicted).all()
+    return run_id
+
+
+def test_run_is_tracked_in_local_sqlite(tmp_path, data_file, monkeypatch):
+    done = run_cli([*TINY, "model=wide", "optimizer.lr=0.01"], cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
+    run_id = assert_complete_run("sqlite:///mlflow.db", data_file,
+                                 {"model.units": "256", "optimizer.lr": "0.01"}, monkeypatch)
+    out = done.stdout + done.stderr
+    assert "epoch 1/2" in out and "epoch 2/2" in out
+    assert f"MLflow run id: {run_id}" in out
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+    assert "absl::InitializeLog" not in out and "cuda" not in out.lower()
+
+    # The saved model's normalisation was fit on the training rows only, not all rows.
+    import keras
+
+    from abalone import data
+    from abalone.config import DataConfig
+    from omegaconf import OmegaConf
+
+    (keras_file,) = (tmp_path / "outputs").glob("*/*/model.keras")
+    mean = np.ravel(keras.saving.load_model(keras_file).get_layer("normalise").mean)
+    splits = data.split(data.load(data_file), OmegaConf.structured(DataConfig))
+    train_mean = splits.train[list(data.NUMERIC_COLUMNS)].to_numpy("float64").mean(axis=0)
+    all_mean = data.load(data_file)[list(data.NUMERIC_COLUMNS)].to_numpy("float64").mean(axis=0)
+    np.testing.assert_allclose(mean, train_mean, rtol=1e-5)
+    assert not np.allclose(mean, all_mean, rtol=1e-5)
+
+
+def test_default_run_is_tracked_on_an_mlflow_server(tmp_path, data_file, mlflow_server,
+                                                    monkeypatch):
+    done = run_cli([*TINY, "tracking=server", f"tracking.uri={mlflow_server}"], cwd=tmp_path,
+                   data=data_file)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_complete_run(mlflow_server, data_file, {"model.units": "64", "optimizer.lr": "0.001"},
+                        monkeypatch)
+    assert f"look: {mlflow_server}" in done.stdout + done.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["trainer.epoch=3"], "trainer.epoch"),
+    (["optimizer.lr=fast"], "optimizer.lr"),
+    (["optimizer.lr=-1"], "config key optimizer.lr must be > 0"),
+    (["model.dropout=1.5"], "config key model.dropout must be in [0, 1)"),
+    (["model.activation=nonsense"], "nonsense"),
+])
+def test_bad_config_fails_fast_and_tracks_nothing(tmp_path, data_file, args, words):
+    start = time.monotonic()
+    done = run_cli(args, cwd=tmp_path, data=data_file)
+    assert done.returncode != 0
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - start < 60
+    if (tmp_path / "mlflow.db").exists():  # an activation error is found after connecting
+        assert runs_of(MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")) == []
+
+
+def test_bad_data_fails_naming_line_and_column_and_tracks_nothing(tmp_path, data_file):
+    lines = data_file.read_text().splitlines()
+    lines[99] = lines[99].replace(lines[99].split(",")[2], "wide", 1)
+    bad = tmp_path / "bad.data"
+    bad.write_text("\n".join(lines) + "\n")
+    done = run_cli([f"data.path={bad}"], cwd=tmp_path, data=None)
+    assert done.returncode == 1
+    assert f"{bad}, line 100, column 3 (Diameter): 'wide' is not a number" in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_server_fails_within_seconds(tmp_path, data_file):
+    port = free_port()  # nothing listens there
+    start = time.monotonic()
+    done = run_cli(["tracking=server", f"tracking.uri=http://127.0.0.1:{port}"], cwd=tmp_path,
+                   data=data_file)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 1
+    assert f"cannot use the MLflow tracking server at http://127.0.0.1:{port}" in done.stderr
+    assert "tracking.uri" in done.stderr
+    assert elapsed < 45, f"took {elapsed:.0f}s"
+
+
+def test_run_that_fails_after_starting_ends_failed_and_registers_nothing(tmp_path, data_file,
+                                                                        monkeypatch):
+    done = run_cli(["optimizer=sgd", "optimizer.lr=1e12", "optimizer.momentum=0.99",
+                    "trainer.epochs=5"], cwd=tmp_path, data=data_file)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "training loss became NaN or infinite" in done.stderr
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    (run,) = runs_of(client)
+    assert run.info.status == "FAILED"
+    assert client.search_registered_models() == []
