@@ -128,3 +128,132 @@ def model_requirements() -> list[str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             pins.append(f"{name}=={importlib.metadata.version(name)}")
     return pins
+
+
+def log_model(keras_path: Path, rows, predicted) -> str:
+    """Log the pyfunc model (abalone/serving.py around the saved Keras model); return its URI."""
+    from abalone import serving
+
+    sample = rows[list(serving.FEATURE_COLUMNS)].head(5).reset_index(drop=True)
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=serving.__file__,
+        artifacts={serving.KERAS_MODEL_ARTIFACT: str(keras_path)},
+        signature=mlflow.models.infer_signature(sample, predicted[:5].reshape(-1)),
+        input_example=sample, pip_requirements=model_requirements())
+    return info.model_uri
+
+
+def register(model_uri: str, name: str, run_id: str, metrics: dict[str, float],
+             tags: dict[str, str] | None = None):
+    """Register `model_uri` as a new version of `name`, tagged with its run and metrics."""
+    version_tags = {"run_id": run_id, **{k: f"{v:.4f}" for k, v in metrics.items()},
+                    **(tags or {})}
+    return mlflow.register_model(model_uri, name, tags=version_tags)
+
+
+def end_failed_run(error: BaseException, is_trial: bool) -> None:
+    """End the active run after `error`: KILLED for Ctrl-C or a pruned trial, else FAILED."""
+    import optuna
+
+    pruned = isinstance(error, optuna.TrialPruned)
+    if is_trial:
+        mlflow.set_tag("optuna.state", "PRUNED" if pruned else "FAIL")
+    mlflow.end_run("KILLED" if pruned or isinstance(error, KeyboardInterrupt) else "FAILED")
+
+
+def where_to_look(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return redact(uri)
+    return f"mlflow ui --backend-store-uri {redact(uri)}"
+
+
+def open_parent_run(client, experiment_id: str, study_name: str, storage: str,
+                    params: dict[str, str]) -> str:
+    """The sweep's parent run: the study's existing one (resumed), else a new one.
+
+    Processes that start the same sweep at once may each create one; all then agree on the
+    oldest and the others delete theirs, so a study keeps one parent run.
+    """
+    from mlflow.entities import Param
+
+    query = (f"tags.`optuna.study_name` = '{study_name}' and tags.`optuna.storage` = '{storage}'"
+             " and tags.`abalone.role` = 'sweep'")
+
+    def oldest():
+        runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
+        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)) if runs else None
+
+    found = oldest()
+    if found is None:
+        mine = client.create_run(experiment_id, run_name=study_name, tags={
+            "optuna.study_name": study_name, "optuna.storage": storage, "abalone.role": "sweep"})
+        found = oldest()
+        if found.info.run_id != mine.info.run_id:
+            client.delete_run(mine.info.run_id)
+        else:
+            client.log_batch(found.info.run_id,
+                             params=[Param(k, v[:6000]) for k, v in params.items()])
+    if found.info.status != "RUNNING":
+        client.update_run(found.info.run_id, status="RUNNING")
+    return found.info.run_id
+
+
+def save_study_plots(study, out_dir: Path) -> list[Path]:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as PNG;
+    a plot Optuna cannot draw for this study (too few trials) is skipped with a log line."""
+    import logging
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in ("plot_optimization_history", "plot_param_importances",
+                 "plot_parallel_coordinate"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = getattr(optuna_plots, name)(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:
+            logging.getLogger("abalone").info("skipped %s: %s", name, err)
+            continue
+        figure = getattr(axes, "figure", None) or axes.flat[0].figure
+        path = out_dir / f"{name.removeprefix('plot_')}.png"
+        figure.set_size_inches(10, 6)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def register_champion(client, name: str, run_id: str, model_uri: str,
+                      metrics: dict[str, float], tags: dict[str, str]) -> str:
+    """Register the run's model (once) and give it the `champion` alias only if its test_rmse
+    beats the current champion's; return what was done and why."""
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = existing[0] if existing else register(model_uri, name, run_id, metrics, tags)
+    what = f"{name} version {version.version} (run {run_id})"
+    what = ("already registered: " if existing else "registered ") + what
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    new = metrics.get("test_rmse", float("inf"))
+    if champion is not None and str(champion.version) == str(version.version):
+        return f"{what}; it is already the champion"
+    if champion is not None:
+        old = float(champion.tags.get("test_rmse")
+                    or client.get_run(champion.run_id).data.metrics.get("test_rmse", "inf"))
+        if not new < old:
+            return (f"{what} without the champion alias: its test_rmse {new:.4f} does not beat "
+                    f"champion version {champion.version} ({old:.4f})")
+        reason = f"its test_rmse {new:.4f} beats version {champion.version} ({old:.4f})"
+    else:
+        reason = "there was no champion"
+    client.set_registered_model_alias(name, "champion", str(version.version))
+    return f"{what} as champion: {reason}"

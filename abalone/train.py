@@ -39,6 +39,7 @@ class RunResult:
     epochs_run: int
     fit_seconds: float
     model_version: str | None = None
+    objective: float | None = None  # in a sweep: the best epoch's value of the sweep's metric
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -75,47 +76,57 @@ class TrainingDiverged(AbaloneError):
     """The loss became NaN or infinite."""
 
 
-def run_training(cfg: DictConfig, output_dir: Path) -> RunResult:
-    """Train, evaluate, log and register one model as `cfg` says."""
-    check_ranges(cfg)
-    from abalone import data
-
-    data_path = data.resolve_path(cfg.data)
-    frame = data.load(data_path)
-    data_sha256 = data.sha256_of(data_path)
-    splits = data.split(frame, cfg.data)
-
-    import mlflow
-
-    from abalone import tracking
-
-    client = None
-    if cfg.tracking.enabled:
-        experiment_id = tracking.connect(cfg.tracking)
-        client = mlflow.MlflowClient()
-
-    keras = import_keras()
+def build_model(cfg: DictConfig, splits, keras):
+    """The configured model, compiled, with normalisation statistics of the training rows."""
     from hydra.utils import instantiate
 
-    from abalone.callbacks import EpochPrinter, MlflowLogger
-    from abalone.serving import FEATURE_COLUMNS, NUMERIC_COLUMNS, model_inputs
+    from abalone.serving import NUMERIC_COLUMNS
 
-    t = cfg.trainer
-    keras.utils.set_random_seed(t.seed)
-    train_x, val_x, test_x = (model_inputs(f) for f in (splits.train, splits.val, splits.test))
-    train_y, val_y, test_y = (data.target(f) for f in (splits.train, splits.val, splits.test))
     measurements = splits.train[list(NUMERIC_COLUMNS)].to_numpy("float64")
     try:
         model = instantiate(cfg.model, feature_mean=measurements.mean(axis=0),
                             feature_variance=measurements.var(axis=0))
     except ValueError as err:  # e.g. an unknown activation name
         raise ConfigError(f"config group model: {err}") from err
-    steps_per_epoch = -(-len(splits.train) // t.batch_size)
-    optimizer = instantiate(cfg.optimizer, steps_per_epoch=steps_per_epoch, epochs=t.epochs)
+    steps_per_epoch = -(-len(splits.train) // cfg.trainer.batch_size)
+    optimizer = instantiate(cfg.optimizer, steps_per_epoch=steps_per_epoch,
+                            epochs=cfg.trainer.epochs)
     model.compile(optimizer=optimizer, loss="mse",
                   metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
                            keras.metrics.MeanAbsoluteError(name="mae")],
-                  steps_per_execution=t.steps_per_execution)
+                  steps_per_execution=cfg.trainer.steps_per_execution)
+    return model
+
+
+def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
+    """Train, evaluate, log and (outside sweeps) register one model as `cfg` says.
+
+    `trial` is the sweep's `abalone.study.TrialContext`: the run then nests under the sweep's
+    parent run, reports each epoch to the pruner, and records the trial's Optuna state.
+    """
+    check_ranges(cfg)
+    from abalone import data
+
+    data_path = data.resolve_path(cfg.data)
+    splits = data.split(data.load(data_path), cfg.data)
+
+    import mlflow
+
+    from abalone import tracking
+
+    tracked = cfg.tracking.enabled
+    if tracked:
+        experiment_id = tracking.connect(cfg.tracking)
+
+    keras = import_keras()
+    from abalone.callbacks import EpochPrinter, MlflowLogger
+    from abalone.serving import model_inputs
+
+    t = cfg.trainer
+    keras.utils.set_random_seed(t.seed)
+    train_x, val_x, test_x = (model_inputs(f) for f in (splits.train, splits.val, splits.test))
+    train_y, val_y, test_y = (data.target(f) for f in (splits.train, splits.val, splits.test))
+    model = build_model(cfg, splits, keras)
 
     callbacks: list = [keras.callbacks.TerminateOnNaN()]
     if t.patience:
@@ -124,18 +135,32 @@ def run_training(cfg: DictConfig, output_dir: Path) -> RunResult:
     if t.verbose:
         callbacks.append(EpochPrinter(t.epochs))
 
-    run = (mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name)
-           if client else None)
-    run_id = run.info.run_id if run else None
+    run_id = None
+    if tracked:
+        run_tags = tracking.run_tags(data_path, data.sha256_of(data_path))
+        run_name = cfg.tracking.run_name
+        if trial:
+            run_tags.update({"optuna.study_name": trial.study_name,
+                             "optuna.trial_number": str(trial.trial.number)})
+            run_name = run_name or f"trial-{trial.trial.number}"
+        run_id = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags,
+                                  parent_run_id=trial.parent_run_id if trial else None
+                                  ).info.run_id
     try:
-        if client:
-            callbacks.append(MlflowLogger(client, run_id))
+        if tracked:
+            client = mlflow.MlflowClient()
             client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in
-                                             tracking.flat_params(cfg).items()],
-                             tags=[mlflow.entities.RunTag(k, v) for k, v in
-                                   tracking.run_tags(data_path, data_sha256).items()])
-            log.info("MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment,
-                     tracking.redact(cfg.tracking.uri))
+                                             tracking.flat_params(cfg).items()])
+            callbacks.append(MlflowLogger(client, run_id))
+            if trial:
+                trial.trial.set_user_attr("mlflow_run_id", run_id)
+            else:
+                log.info("MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment,
+                         tracking.redact(cfg.tracking.uri))
+        if trial:  # last, so the epoch is logged before a prune stops training
+            from optuna_integration import KerasPruningCallback
+
+            callbacks.append(KerasPruningCallback(trial.trial, trial.metric))
         fit_start = time.perf_counter()
         history = model.fit(train_x, train_y, validation_data=(val_x, val_y), epochs=t.epochs,
                             batch_size=t.batch_size, shuffle=True, verbose=0,
@@ -143,7 +168,7 @@ def run_training(cfg: DictConfig, output_dir: Path) -> RunResult:
         fit_seconds = time.perf_counter() - fit_start
         if not all(map(_finite, history.get("loss", [float("nan")]))):
             raise TrainingDiverged("training loss became NaN or infinite; lower optimizer.lr "
-                                     "or change the model")
+                                   "or change the model")
 
         from abalone import evaluate
 
@@ -152,6 +177,10 @@ def run_training(cfg: DictConfig, output_dir: Path) -> RunResult:
         metrics.update(evaluate.regression_metrics(
             val_y, model.predict(val_x, batch_size=1024, verbose=0), "best_val"))
         result = RunResult(run_id, metrics, len(history["loss"]), fit_seconds, history=history)
+        if trial:
+            from abalone.study import best_of
+
+            result.objective = best_of(history, trial.metric, trial.direction)
 
         output_dir.mkdir(parents=True, exist_ok=True)
         config_path = output_dir / "config.yaml"
@@ -159,34 +188,24 @@ def run_training(cfg: DictConfig, output_dir: Path) -> RunResult:
         plots = evaluate.save_plots(history, test_y, predicted, output_dir / "plots")
         keras_path = output_dir / "model.keras"
         model.save(keras_path)
-        if client:
+        if tracked:
             mlflow.log_metrics(metrics)
             mlflow.log_artifact(str(config_path))
             for plot in plots:
                 mlflow.log_artifact(str(plot), artifact_path="plots")
-            sample = splits.test[list(FEATURE_COLUMNS)].head(5).reset_index(drop=True)
-            from abalone import serving
-
-            model_info = mlflow.pyfunc.log_model(
-                name="model", python_model=serving.__file__,
-                artifacts={serving.KERAS_MODEL_ARTIFACT: str(keras_path)},
-                signature=mlflow.models.infer_signature(sample, predicted[:5].reshape(-1)),
-                input_example=sample, pip_requirements=tracking.model_requirements())
-            if cfg.tracking.register:
-                version = mlflow.register_model(model_info.model_uri,
-                                                cfg.tracking.registered_model,
-                                                tags={"run_id": run_id, **{
-                                                    k: f"{v:.4f}" for k, v in metrics.items()}})
+            model_uri = tracking.log_model(keras_path, splits.test, predicted)
+            if cfg.tracking.register and not trial:
+                version = tracking.register(model_uri, cfg.tracking.registered_model, run_id,
+                                            metrics)
                 result.model_version = version.version
-    except KeyboardInterrupt:
-        if run:
-            mlflow.end_run("KILLED")
+            if trial:
+                trial.trial.set_user_attr("mlflow_model_uri", model_uri)
+                mlflow.set_tag("optuna.state", "COMPLETE")
+    except BaseException as err:
+        if tracked:
+            tracking.end_failed_run(err, is_trial=trial is not None)
         raise
-    except BaseException:
-        if run:
-            mlflow.end_run("FAILED")
-        raise
-    if run:
+    if tracked:
         mlflow.end_run("FINISHED")
     return result
 
@@ -205,23 +224,26 @@ def _summary(cfg: DictConfig, result: RunResult, output_dir: Path) -> None:
         if result.model_version:
             log.info("registered: %s version %s", cfg.tracking.registered_model,
                      result.model_version)
-        uri = cfg.tracking.uri
-        if uri.startswith(("http://", "https://")):
-            log.info("look: %s", uri)
-        else:
-            log.info("look: mlflow ui --backend-store-uri %s", uri)
+        from abalone.tracking import where_to_look
+
+        log.info("look: %s", where_to_look(cfg.tracking.uri))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from abalone.study import ACTIVE_TRIAL
+
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    trial = ACTIVE_TRIAL.get()
     try:
-        result = run_training(cfg, output_dir)
+        result = run_training(cfg, output_dir, trial)
     except AbaloneError as err:
         if HydraConfig.get().mode is RunMode.RUN:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         raise
+    if trial:
+        return result.objective
     _summary(cfg, result, output_dir)
     return result.metrics["best_val_rmse"]
 

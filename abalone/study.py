@@ -1,0 +1,200 @@
+"""Optuna studies behind `-m` sweeps: the search space from Hydra's override grammar, storage,
+sampler and pruner, the slots that make `n_trials` a study-wide total, and stale trials.
+
+`n_trials` counts COMPLETE and PRUNED trials of the study, whoever ran them, so a rerun resumes
+and several processes or hosts share one total. A trial may start only while fewer than
+`n_trials` trials numbered before it are COMPLETE, PRUNED, RUNNING or WAITING; numbers come from
+the storage, so no two processes can both take the last slot.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import warnings
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
+                                  IntDistribution)
+from optuna.trial import FrozenTrial, TrialState
+
+from abalone.config import ConfigError
+
+# Samplers' multivariate and constant-liar modes are "experimental" but long stable.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+HOST = socket.gethostname()
+OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+@dataclass
+class TrialContext:
+    """What the sweeper hands to the training run of one trial (same process)."""
+
+    trial: optuna.Trial
+    parent_run_id: str | None
+    study_name: str
+    metric: str
+    direction: str
+
+
+ACTIVE_TRIAL: ContextVar[TrialContext | None] = ContextVar("abalone_active_trial", default=None)
+
+
+def search_space(params: dict[str, Any], arguments: list[str]
+                 ) -> tuple[dict[str, BaseDistribution], list[str]]:
+    """Split sweep settings and command-line overrides into Optuna distributions and the fixed
+    overrides every trial gets. Command-line sweeps (`model=wide,deep`) replace a sweep file's."""
+    parser = OverridesParser.create()
+    lines = [f"{key}={value}" for key, value in params.items()]
+    space: dict[str, BaseDistribution] = {}
+    fixed: list[str] = []
+    for override in parser.parse_overrides(lines) + parser.parse_overrides(arguments):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            space[key] = _distribution(key, override.value())
+        else:
+            space.pop(key, None)
+            fixed.append(override.input_line)
+    return space, fixed
+
+
+def _distribution(key: str, sweep: Any) -> BaseDistribution:
+    if isinstance(sweep, ChoiceSweep):
+        return CategoricalDistribution(list(sweep.list))
+    if isinstance(sweep, RangeSweep):
+        values = [sweep.start + i * sweep.step
+                  for i in range(max(0, math.ceil((sweep.stop - sweep.start) / sweep.step)))]
+        if not values:
+            raise ConfigError(f"sweep parameter {key}: range({sweep.start}, {sweep.stop}) is empty")
+        if all(isinstance(v, int) for v in (sweep.start, sweep.stop, sweep.step)) and not sweep.shuffle:
+            return IntDistribution(values[0], values[-1], step=sweep.step)
+        return CategoricalDistribution(values)
+    if isinstance(sweep, IntervalSweep):
+        log = "log" in sweep.tags
+        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
+            return IntDistribution(sweep.start, sweep.end, log=log)
+        return FloatDistribution(float(sweep.start), float(sweep.end), log=log)
+    raise ConfigError(f"sweep parameter {key}: {type(sweep).__name__} is not supported; use "
+                      "choice(), range(), interval(), int(interval()) or tag(log, interval())")
+
+
+def trial_overrides(params: dict[str, Any]) -> list[str]:
+    return [f"{key}={value}" for key, value in params.items()]
+
+
+def make_storage(storage: str) -> optuna.storages.BaseStorage:
+    if "://" in storage:
+        return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+    path = Path(storage).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def make_sampler(conf, space: dict[str, BaseDistribution], rank: int) -> optuna.samplers.BaseSampler:
+    seed = None if conf.seed is None else conf.seed + rank
+    name = str(getattr(conf.name, "value", conf.name))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_values(space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=conf.n_startup_trials,
+                                      multivariate=True, constant_liar=True)
+
+
+def grid_values(space: dict[str, BaseDistribution]) -> dict[str, list]:
+    grid = {}
+    for key, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            grid[key] = list(dist.choices)
+        elif isinstance(dist, IntDistribution) and not dist.log:
+            grid[key] = list(range(dist.low, dist.high + 1, dist.step))
+        else:
+            raise ConfigError(f"hydra.sweeper.sampler.name=grid needs choice() or range() for "
+                              f"every parameter; {key} is {dist}")
+    return grid
+
+
+def make_pruner(conf, epochs: int) -> optuna.pruners.BasePruner:
+    name = str(getattr(conf.name, "value", conf.name))
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=conf.n_startup_trials,
+                                           n_warmup_steps=conf.n_warmup_steps)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=conf.min_resource, max_resource=epochs,
+                                              reduction_factor=conf.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+def counts(study: optuna.Study) -> dict[TrialState, int]:
+    tally = {state: 0 for state in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        tally[trial.state] += 1
+    return tally
+
+
+def work_left(study: optuna.Study, n_trials: int) -> bool:
+    """Whether this process should ask for another trial."""
+    tally = counts(study)
+    occupied = tally[TrialState.COMPLETE] + tally[TrialState.PRUNED] + tally[TrialState.RUNNING]
+    return tally[TrialState.WAITING] > 0 or occupied < n_trials
+
+
+def within_total(study: optuna.Study, number: int, n_trials: int) -> bool:
+    ahead = sum(1 for t in study.get_trials(deepcopy=False, states=OCCUPYING) if t.number < number)
+    return ahead < n_trials
+
+
+def mark_owner(trial: optuna.Trial) -> None:
+    trial.set_user_attr("host", HOST)
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("heartbeat", time.time())
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_stale_trials(study: optuna.Study, stale_after: float,
+                      on_failed: Callable[[FrozenTrial], None]) -> list[int]:
+    """Fail RUNNING trials whose process is gone and enqueue their parameters again."""
+    failed = []
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        beat = attrs.get("heartbeat") or trial.datetime_start.timestamp()
+        gone = attrs.get("host") == HOST and attrs.get("pid") and not _process_alive(attrs["pid"])
+        if not (gone or now - beat > stale_after) or attrs.get("pid") == os.getpid():
+            continue
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):  # another process failed it first
+            continue
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        failed.append(trial.number)
+        on_failed(trial)
+    return failed
+
+
+def best_of(history: dict[str, list[float]], metric: str, direction: str) -> float:
+    if metric not in history:
+        raise ConfigError(f"hydra.sweeper.metric={metric} is not logged per epoch; use one of "
+                          f"{sorted(k for k in history if k.startswith('val_'))}")
+    values = [v for v in history[metric] if math.isfinite(v)]
+    if not values:
+        return math.nan
+    return min(values) if direction == "minimize" else max(values)
