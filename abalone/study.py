@@ -1,10 +1,12 @@
 """Optuna studies behind `-m` sweeps: the search space from Hydra's override grammar, storage,
 sampler and pruner, the slots that make `n_trials` a study-wide total, and stale trials.
 
-`n_trials` counts COMPLETE and PRUNED trials of the study, whoever ran them, so a rerun resumes
-and several processes or hosts share one total. A trial may start only while fewer than
-`n_trials` trials numbered before it are COMPLETE, PRUNED, RUNNING or WAITING; numbers come from
-the storage, so no two processes can both take the last slot.
+`n_trials` is the study's total, whoever ran the trials, so a rerun resumes and several processes
+or hosts share one total. A trial holds a slot when it is COMPLETE, PRUNED, RUNNING, WAITING, or
+FAIL because its training raised; a trial interrupted (Ctrl-C) or left RUNNING by a dead process
+is failed and its parameters queued again (`retry_of`), and the retry takes its slot. A trial may start only while fewer than
+`n_trials` trials numbered before it hold slots; numbers come from the storage, so no two
+processes can both take the last slot.
 """
 
 from __future__ import annotations
@@ -105,9 +107,17 @@ def make_sampler(conf, space: dict[str, BaseDistribution], rank: int) -> optuna.
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(grid_values(space), seed=seed)
+        return _GridSampler(grid_values(space), seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=conf.n_startup_trials,
                                       multivariate=True, constant_liar=True)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """GridSampler whose exhaustion check is left to the sweep loop (n_trials = the grid's size):
+    the stock one calls Study.stop(), which only works inside Study.optimize()."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 def grid_values(space: dict[str, BaseDistribution]) -> dict[str, list]:
@@ -134,23 +144,33 @@ def make_pruner(conf, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def counts(study: optuna.Study) -> dict[TrialState, int]:
-    tally = {state: 0 for state in TrialState}
-    for trial in study.get_trials(deepcopy=False):
-        tally[trial.state] += 1
-    return tally
+def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials that count towards n_trials: all but FAIL trials that were queued again
+    (`retry_of`) or were surplus."""
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    return [t for t in trials if t.state in OCCUPYING or (
+        t.state == TrialState.FAIL and t.number not in retried
+        and not t.user_attrs.get("surplus"))]
 
 
 def work_left(study: optuna.Study, n_trials: int) -> bool:
     """Whether this process should ask for another trial."""
-    tally = counts(study)
-    occupied = tally[TrialState.COMPLETE] + tally[TrialState.PRUNED] + tally[TrialState.RUNNING]
-    return tally[TrialState.WAITING] > 0 or occupied < n_trials
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    return len(slot_holders(trials)) < n_trials
 
 
 def within_total(study: optuna.Study, number: int, n_trials: int) -> bool:
-    ahead = sum(1 for t in study.get_trials(deepcopy=False, states=OCCUPYING) if t.number < number)
-    return ahead < n_trials
+    holders = slot_holders(study.get_trials(deepcopy=False))
+    return sum(1 for t in holders if t.number < number) < n_trials
+
+
+def fail_and_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
+    """Mark the trial FAIL and queue its parameters again; it gives its slot to the retry.
+    Raises if another process finished the trial first."""
+    study.tell(trial.number, state=TrialState.FAIL)
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
 def mark_owner(trial: optuna.Trial) -> None:
@@ -171,20 +191,22 @@ def _process_alive(pid: int) -> bool:
 
 def fail_stale_trials(study: optuna.Study, stale_after: float,
                       on_failed: Callable[[FrozenTrial], None]) -> list[int]:
-    """Fail RUNNING trials whose process is gone and enqueue their parameters again."""
+    """Fail RUNNING trials whose process is gone (or silent for `stale_after` seconds) and queue
+    their parameters again."""
     failed = []
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
+        here = attrs.get("host") == HOST and attrs.get("pid")
+        if here and attrs["pid"] == os.getpid():
+            continue
         beat = attrs.get("heartbeat") or trial.datetime_start.timestamp()
-        gone = attrs.get("host") == HOST and attrs.get("pid") and not _process_alive(attrs["pid"])
-        if not (gone or now - beat > stale_after) or attrs.get("pid") == os.getpid():
+        if not ((here and not _process_alive(attrs["pid"])) or now - beat > stale_after):
             continue
         try:
-            study.tell(trial.number, state=TrialState.FAIL)
-        except (ValueError, RuntimeError):  # another process failed it first
-            continue
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            fail_and_retry(study, trial)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process failed it first
         failed.append(trial.number)
         on_failed(trial)
     return failed

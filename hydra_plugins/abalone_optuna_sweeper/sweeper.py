@@ -202,6 +202,8 @@ class _Sweep:
                                          states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
     def run_trials(self) -> None:
+        import optuna
+
         from abalone import study
         from abalone.config import AbaloneError
 
@@ -214,7 +216,7 @@ class _Sweep:
             if not study.within_total(self.study, trial.number, self.n_trials):
                 # Another process took the last slot between our check and our ask.
                 trial.set_user_attr("surplus", True)
-                self.study.tell(trial, state=study.TrialState.FAIL)
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 break
             state = self.run_one(trial)
             if state == "FAIL":
@@ -241,7 +243,7 @@ class _Sweep:
         try:
             (job,) = self.sweeper.launcher.launch([overrides], initial_job_idx=trial.number)
         except KeyboardInterrupt:
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.fail_and_retry(self.study, trial)
             raise
         finally:
             beating.set()

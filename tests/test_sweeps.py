@@ -1,0 +1,279 @@
+"""End to end: `python -m abalone.train -m ...` sweeps through our Optuna sweeper, real stores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import CLI_TIMEOUT, REPO, run_cli
+
+EXPERIMENT = "abalone-tensorflow-experiment"
+MODEL = "abalone-tensorflow-model"
+# A study small enough for CI: three-epoch trials, no per-epoch lines.
+SMALL = ["trainer.epochs=3", "trainer.patience=0", "trainer.verbose=0"]
+
+
+def load_study(storage: str) -> optuna.Study:
+    from abalone.study import make_storage
+
+    (summary,) = optuna.get_all_study_summaries(make_storage(storage))
+    return optuna.load_study(study_name=summary.study_name, storage=make_storage(storage))
+
+
+def sweep_runs(client: MlflowClient):
+    """(parent runs, trial runs) of the experiment, deleted runs left out."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("abalone.role") == "sweep"]
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, trials
+
+
+def assert_total_honoured(study: optuna.Study, n_trials: int) -> None:
+    from abalone.study import slot_holders
+
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    holders = slot_holders(trials)
+    assert len(holders) == n_trials, [(t.number, t.state.name, t.user_attrs) for t in trials]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+               for t in holders)
+
+
+def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
+    done = run_cli(["-m", "sweep=quick", *SMALL, "hydra.sweeper.n_trials=3",
+                    "tracking=server", f"tracking.uri={mlflow_server}"], cwd=tmp_path,
+                   data=data_file)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    study = load_study(str(tmp_path / "optuna-studies.journal"))
+    assert study.study_name.startswith("quick-")
+    assert_total_honoured(study, 3)
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (parent,), trials = sweep_runs(client)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna.study_name"] == study.study_name
+    assert parent.data.tags["optuna.storage"] == str(tmp_path / "optuna-studies.journal")
+    assert parent.data.params["sweep.sampler.name"] == "tpe"
+    assert parent.data.params["sweep.pruner.name"] == "median"
+    assert parent.data.params["sweep.n_trials"] == "3"
+    assert "sweep.space.optimizer.lr" in parent.data.params
+    best = study.best_trial
+    assert parent.data.metrics["best_val_rmse"] == pytest.approx(best.value)
+    assert parent.data.tags["best.trial_number"] == str(best.number)
+    assert {f"best.params.{k}" for k in best.params} <= set(parent.data.tags)
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/param_importances.png",
+            "optuna/parallel_coordinate.png"} <= plots
+
+    assert len(trials) == 3
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in trials}
+    for trial in study.trials:
+        run = by_number[trial.number]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[trial.state.name]
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        history = client.get_metric_history(run.info.run_id, "val_rmse")
+        assert len(history) == (3 if trial.state == TrialState.COMPLETE else len(
+            trial.intermediate_values))
+        assert run.data.params["optimizer.lr"] == str(trial.params["optimizer.lr"])
+    for number in by_number:
+        assert f"trial {number:3d}" in out
+    assert "top trials by val_rmse" in out and by_number[best.number].info.run_id in out
+
+    (version,) = client.search_model_versions(f"name='{MODEL}'")
+    assert version.run_id == by_number[best.number].info.run_id
+    assert version.tags["sweep"] == "quick" and version.tags["trial"] == str(best.number)
+    assert "test_rmse" in version.tags
+    assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
+    assert "as champion: there was no champion" in out
+
+
+def grid_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["-m", *SMALL, f"hydra.sweeper.storage={tmp_path / 'study.journal'}", *extra]
+
+
+def test_plain_grid_is_one_parent_and_pruning_prunes(tmp_path, data_file):
+    # A hopeless learning rate next to a good one: with the median pruner watching from the
+    # first epoch, the hopeless trials that follow a finished good one must be pruned.
+    done = run_cli(grid_args(tmp_path, "optimizer.lr=0.02,0.000001", "trainer.seed=1,2,3",
+                             "hydra.sweeper.pruner.name=median",
+                             "hydra.sweeper.pruner.n_startup_trials=1",
+                             "hydra.sweeper.pruner.n_warmup_steps=0"),
+                   cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(str(tmp_path / "study.journal"))
+    assert study.study_name.startswith("grid-")
+    assert_total_honoured(study, 6)  # the grid's size
+    assert Counter((t.params["optimizer.lr"], t.params["trainer.seed"]) for t in study.trials) \
+        == Counter({(lr, seed): 1 for lr in (0.02, 0.000001) for seed in (1, 2, 3)})
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    hopeless = [t for t in study.trials if t.params["optimizer.lr"] == 0.000001 and t.number > 0]
+    assert hopeless and all(t.state == TrialState.PRUNED for t in hopeless), [
+        (t.number, t.state.name, t.params, t.intermediate_values) for t in study.trials]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,), runs = sweep_runs(client)
+    assert len(runs) == 6
+    for trial in pruned:
+        (run,) = [r for r in runs if r.info.run_id == trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
+        assert len(client.get_metric_history(run.info.run_id, "val_rmse")) < 3
+
+
+def test_failing_trial_does_not_stop_the_sweep(tmp_path, data_file):
+    done = run_cli(grid_args(tmp_path, "optimizer=sgd", "optimizer.momentum=0.9",
+                             "optimizer.lr=0.01,1e12"), cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(str(tmp_path / "study.journal"))
+    states = {t.params["optimizer.lr"]: t.state for t in study.trials}
+    assert states == {0.01: TrialState.COMPLETE, 1e12: TrialState.FAIL}
+    (failed,) = study.get_trials(states=(TrialState.FAIL,))
+    assert "NaN" in failed.user_attrs["error"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
+    assert "FAIL" in done.stdout + done.stderr
+
+
+def test_failure_budget_stops_the_sweep(tmp_path, data_file):
+    done = run_cli(grid_args(tmp_path, "optimizer=sgd", "optimizer.lr=1e12,1e13",
+                             "hydra.sweeper.max_failures=2"), cwd=tmp_path, data=data_file)
+    assert done.returncode == 1
+    assert "2 trials failed in this process (hydra.sweeper.max_failures=2)" in done.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,), _ = sweep_runs(client)
+    assert parent.info.status == "FAILED"
+    assert client.search_registered_models() == []
+
+
+def start_sweep(args: list[str], cwd: Path, data_file: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["ABALONE_DATA"] = str(data_file)
+    return subprocess.Popen([sys.executable, "-m", "abalone.train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for_trials(storage: str, proc: subprocess.Popen, finished: int) -> int:
+    """Wait until `finished` trials are done and the next has an MLflow run; its number."""
+    deadline = time.monotonic() + CLI_TIMEOUT
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        try:
+            trials = load_study(storage).get_trials(deepcopy=False)
+        except (ValueError, KeyError):
+            trials = []
+        done = [t for t in trials if t.state.is_finished()]
+        running = [t for t in trials if t.state == TrialState.RUNNING
+                   and "mlflow_run_id" in t.user_attrs]
+        if len(done) >= finished and running:
+            return running[0].number
+        time.sleep(0.2)
+    raise AssertionError("the sweep did not get that far")
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
+def test_interrupted_sweep_resumes_to_the_total(tmp_path, data_file, how):
+    args = grid_args(tmp_path, "optimizer.lr=0.01,0.02", "trainer.seed=1,2",
+                     "trainer.epochs=20")
+    storage = str(tmp_path / "study.journal")
+    proc = start_sweep(args, tmp_path, data_file)
+    interrupted = wait_for_trials(storage, proc, finished=1)
+    os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    study = load_study(storage)
+    first = study.trials[interrupted]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    if how == "ctrl-c":
+        assert "interrupted" in output
+        assert first.state == TrialState.FAIL  # ended by the process itself
+        run = client.get_run(first.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+    else:
+        assert first.state == TrialState.RUNNING  # nobody was left to end it
+    finished_before = {t.number: t.value for t in study.trials if t.state.is_finished()
+                       and t.state != TrialState.FAIL}
+
+    done = run_cli(args[:], cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(storage)
+    assert_total_honoured(study, 4)
+    # Finished trials were kept, not rerun; the interrupted one's parameters were retried.
+    for number, value in finished_before.items():
+        assert study.trials[number].value == value
+    assert study.trials[interrupted].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted]
+    assert retry.params == study.trials[interrupted].params
+    assert retry.state == TrialState.COMPLETE
+    run = client.get_run(study.trials[interrupted].user_attrs["mlflow_run_id"])
+    assert run.info.status in ("KILLED", "FAILED")
+    parents, runs = sweep_runs(client)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # resumed, not a new one
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+    again = run_cli(args[:], cwd=tmp_path, data=data_file)  # a finished sweep adds nothing
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(load_study(storage).trials) == len(study.trials)
+
+
+def test_champion_alias_only_for_a_better_test_rmse(tmp_path, data_file):
+    good = run_cli(grid_args(tmp_path, "optimizer.lr=0.02,0.01", "trainer.epochs=8"),
+                   cwd=tmp_path, data=data_file)
+    assert good.returncode == 0, good.stderr[-3000:]
+    worse = run_cli(grid_args(tmp_path, "optimizer.lr=0.00001,0.00002", "trainer.epochs=2"),
+                    cwd=tmp_path, data=data_file)
+    assert worse.returncode == 0, worse.stderr[-3000:]
+    out = worse.stdout + worse.stderr
+    assert "without the champion alias" in out and "does not beat champion version 1" in out
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                          registry_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    versions = {v.version: v for v in client.search_model_versions(f"name='{MODEL}'")}
+    assert sorted(map(int, versions)) == [1, 2]
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert float(versions[2].tags["test_rmse"]) > float(versions[1].tags["test_rmse"])
+
+
+def test_sweep_setting_errors_fail_before_any_trial(tmp_path, data_file):
+    cases = [
+        (["-m", "sweep=quick", "hydra.sweeper.metric=test_rmse"], "must be a validation metric"),
+        (["-m", "sweep=quick", "hydra.sweeper.samplr.name=tpe"], "samplr"),
+        (["-m", "sweep=quick", "hydra.sweeper.pruner.name=sometimes"], "pruner.name"),
+        (["-m", "optimizer.lr=interval(0.001, 0.01)"], "sampler.name=grid needs choice()"),
+        (["-m", "trainer.epochs=3"], "nothing to sweep"),
+    ]
+    for args, words in cases:
+        done = run_cli(args, cwd=tmp_path, data=data_file)
+        assert done.returncode != 0, args
+        assert words in done.stderr, (args, done.stderr[-2000:])
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_sweep_files_compose():
+    from hydra import compose, initialize_config_dir
+
+    for name in ("quick", "search"):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"sweep={name}"],
+                          return_hydra_config=True)
+        sweeper = cfg.hydra.sweeper
+        assert sweeper.sweep_name == name and sweeper.n_trials >= 3
+        assert sweeper.metric == "val_rmse" and sweeper.params
+        from abalone.study import search_space
+
+        space, fixed = search_space(dict(sweeper.params), [])
+        assert len(space) == len(sweeper.params) and not fixed
