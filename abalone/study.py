@@ -95,7 +95,14 @@ def trial_overrides(params: dict[str, Any]) -> list[str]:
 
 def make_storage(storage: str) -> optuna.storages.BaseStorage:
     if "://" in storage:
-        return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+        # Processes starting at once may race to create Optuna's tables; the loser retries.
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+            except Exception:  # sqlalchemy's IntegrityError/ProgrammingError, among others
+                if attempt == 2:
+                    raise
+                time.sleep(1 + attempt)
     path = Path(storage).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -94,3 +98,30 @@ def run_cli(args: list[str], cwd: Path, data: Path | None, env: dict | None = No
 
 # Tiny but real: two epochs of the default model, quiet terminal lines still on.
 TINY = ["trainer.epochs=2", "trainer.patience=0"]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL cluster from Debian's server binaries, on 127.0.0.1 only."""
+    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bindirs:
+        pytest.fail("PostgreSQL's server binaries are missing: scripts/test.sh installs Debian's "
+                    "postgresql package")
+    bindir = Path(bindirs[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="abalone-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        account = pwd.getpwnam("postgres")
+        os.chown(root, account.pw_uid, account.pw_gid)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                    "--auth=trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l",
+                    str(root / "server.log"), "-w", "-o",
+                    f"-h 127.0.0.1 -p {port} -k {root} -F", "start"], check=True,
+                   capture_output=True)
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                    "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

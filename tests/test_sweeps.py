@@ -277,3 +277,46 @@ def test_sweep_files_compose():
 
         space, fixed = search_space(dict(sweeper.params), [])
         assert len(space) == len(sweeper.params) and not fixed
+
+
+def trial_pids(study: optuna.Study) -> set[int]:
+    return {t.user_attrs["pid"] for t in study.trials if "pid" in t.user_attrs}
+
+
+@pytest.mark.parametrize("storage_kind", ["journal file", "postgresql"])
+def test_two_processes_share_one_study(tmp_path, data_file, mlflow_server, storage_kind,
+                                       request):
+    storage = (str(tmp_path / "shared.journal") if storage_kind == "journal file"
+               else request.getfixturevalue("postgres_url"))
+    args = ["-m", "sweep=quick", *SMALL, "hydra.sweeper.n_trials=5",
+            f"hydra.sweeper.storage={storage}", "tracking=server", f"tracking.uri={mlflow_server}"]
+    procs = [start_sweep(args, tmp_path, data_file) for _ in range(2)]
+    outputs = [p.communicate(timeout=CLI_TIMEOUT)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    study = load_study(storage)
+    assert_total_honoured(study, 5)
+    assert len(trial_pids(study)) == 2  # both processes ran trials
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (parent,), runs = sweep_runs(client)  # one parent: the processes agreed on it
+    assert parent.info.status == "FINISHED"
+    ran = [t for t in study.trials if "mlflow_run_id" in t.user_attrs]
+    assert sorted(r.info.run_id for r in runs) == sorted(t.user_attrs["mlflow_run_id"] for t in ran)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
+
+
+def test_n_jobs_runs_trials_in_parallel_processes(tmp_path, data_file):
+    done = run_cli(["-m", "sweep=quick", *SMALL, "hydra.sweeper.n_trials=4",
+                    "hydra.sweeper.n_jobs=2"], cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(str(tmp_path / "optuna-studies.journal"))
+    assert_total_honoured(study, 4)
+    assert len(trial_pids(study)) == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,), runs = sweep_runs(client)
+    assert parent.info.status == "FINISHED" and len(runs) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    # All trials' outputs land in the one sweep folder, one subfolder per trial number.
+    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]
