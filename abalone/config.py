@@ -84,7 +84,7 @@ class TrainerConfig:
     patience: int = 10  # early stopping on val_loss; 0 turns it off
     seed: int = 42
     verbose: int = 1  # 0: summary only, 1: one line per epoch
-    steps_per_execution: int = 1
+    steps_per_execution: int = 0  # training steps per call into the compiled function; 0: an epoch
 
 
 @dataclass
@@ -135,7 +135,7 @@ def check_ranges(cfg: Any) -> None:
     _require(t.batch_size >= 1, "trainer.batch_size", ">= 1", t.batch_size)
     _require(t.patience >= 0, "trainer.patience", ">= 0", t.patience)
     _require(t.verbose in (0, 1), "trainer.verbose", "0 or 1", t.verbose)
-    _require(t.steps_per_execution >= 1, "trainer.steps_per_execution", ">= 1",
+    _require(t.steps_per_execution >= 0, "trainer.steps_per_execution", ">= 0",
              t.steps_per_execution)
     _require(tr.connect_timeout > 0, "tracking.connect_timeout", "> 0", tr.connect_timeout)
     _require(bool(tr.experiment), "tracking.experiment", "a non-empty name", tr.experiment)

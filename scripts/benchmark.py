@@ -1,0 +1,417 @@
+#!/usr/bin/env python
+"""Benchmark: the AWS sample's recipe against our default run, the MLflow callback's overhead,
+a sweep, its scaling with n_jobs, start-up time and the study storage's per-trial cost.
+
+    python scripts/benchmark.py                      # the full benchmark (~15 min on 2 cores)
+    python scripts/benchmark.py --sweep-trials 50 --repeats 3 --postgres-url postgresql://...
+    python scripts/benchmark.py --smoke              # tiny sizes: checks every figure appears
+
+Every training figure comes from a fresh process (the real `python -m abalone.train`, or the
+sample's recipe in its own interpreter), so imports and peak memory count as a user sees them.
+Ratios are taken pair by pair within this invocation and then their median, as the machine is
+noisy. Writes OUT/benchmark.json and OUT/benchmark.md (OUT: --out, default benchmark-results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ["Sex", "Length", "Diameter", "Height", "Whole_weight", "Shucked_weight",
+           "Viscera_weight", "Shell_weight", "Rings"]
+
+
+# -- the sample's recipe, reproduced faithfully (run in its own interpreter) ---------------------
+
+def sample_recipe(data_path: str, epochs: int, out_dir: str, tracking_uri: str | None) -> dict:
+    """The AWS sample's training, as its script does it: scaler and one-hot fit on all rows,
+    train_test_split(0.2, 42), numpy arrays, batch 32, validation_split=0.2, early stopping with
+    patience 10 and a ModelCheckpoint; with `tracking_uri`, its callback's one request per metric.
+    Its progress bars (verbose=1) are off, which only flatters it."""
+    import numpy as np
+    import pandas as pd
+    import keras
+    from sklearn.compose import ColumnTransformer
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    np.random.seed(42)
+    keras.utils.set_random_seed(42)
+    frame = pd.read_csv(data_path, names=COLUMNS)
+    features, target = frame.drop("Rings", axis=1), frame["Rings"].values
+    preprocessor = ColumnTransformer([("num", StandardScaler(), COLUMNS[1:8]),
+                                      ("cat", OneHotEncoder(), ["Sex"])])
+    x = np.array(preprocessor.fit_transform(features), dtype=np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, np.array(target, dtype=np.float32), test_size=0.2, random_state=42)
+    model = keras.Sequential([
+        keras.Input((x.shape[1],)),
+        keras.layers.Dense(64, activation="relu"), keras.layers.BatchNormalization(),
+        keras.layers.Dropout(0.2),
+        keras.layers.Dense(32, activation="relu"), keras.layers.BatchNormalization(),
+        keras.layers.Dropout(0.2),
+        keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.001), loss="mse",
+                  metrics=["mae"])
+    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=10,
+                                               restore_best_weights=True),
+                 keras.callbacks.ModelCheckpoint(os.path.join(out_dir, "checkpoint-{epoch}.keras"),
+                                                 save_best_only=True, monitor="val_loss")]
+    requests = 0
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment("benchmark-sample-style")
+        mlflow.start_run()
+
+        class SampleStyleLogger(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.time()
+
+            def on_epoch_end(self, epoch, logs=None):
+                nonlocal requests
+                for name, value in (logs or {}).items():
+                    mlflow.log_metric(name, value, step=epoch)
+                    requests += 1
+                mlflow.log_metric("epoch_duration", time.time() - self.start, step=epoch)
+                lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+                mlflow.log_metric("learning_rate", lr, step=epoch)
+                requests += 2
+
+        callbacks.append(SampleStyleLogger())
+    start = time.perf_counter()
+    history = model.fit(x_train, y_train, epochs=epochs, batch_size=32, validation_split=0.2,
+                        callbacks=callbacks, verbose=0).history
+    fit_seconds = time.perf_counter() - start
+    if tracking_uri:
+        mlflow.end_run()
+    predicted = model.predict(x_test, verbose=0).ravel()
+    residual = y_test - predicted
+    return {"fit_seconds": fit_seconds, "epochs": len(history["loss"]),
+            "test_rmse": float(np.sqrt(np.mean(residual ** 2))),
+            "test_mae": float(np.mean(np.abs(residual))),
+            "test_r2": float(1 - np.sum(residual ** 2) / np.sum((y_test - y_test.mean()) ** 2)),
+            "metric_requests": requests}
+
+
+# -- processes -------------------------------------------------------------------------------
+
+def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600) -> dict:
+    """Run `cmd`; its output, wall seconds, peak RSS (MiB), and when its first epoch line came."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, first_epoch = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if first_epoch is None and re.search(r"\bepoch +1/", line):
+            first_epoch = time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            proc.kill()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    output = "".join(lines)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-4000:]}")
+    return {"output": output, "wall_seconds": time.monotonic() - start,
+            "peak_rss_mib": usage.ru_maxrss / 1024, "first_epoch_seconds": first_epoch}
+
+
+def base_env(data_path: str, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"ABALONE_DATA": data_path, "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+def our_run(data_path: str, overrides: list[str], env_extra: dict | None = None,
+            tracking_uri: str | None = None) -> dict:
+    """`python -m abalone.train OVERRIDES` in a fresh folder; figures read back from its MLflow
+    run (the newest in `tracking_uri`, by default the run's own SQLite store)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="abalone-bench-") as tmp:
+        measured = run_measured([sys.executable, "-m", "abalone.train", *overrides], Path(tmp),
+                                base_env(data_path, **(env_extra or {})))
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri or f"sqlite:///{tmp}/mlflow.db")
+        experiment = client.get_experiment_by_name("abalone-tensorflow-experiment")
+        (run,) = client.search_runs([experiment.experiment_id], max_results=1,
+                                    order_by=["attributes.start_time DESC"])
+        epochs = len(client.get_metric_history(run.info.run_id, "loss"))
+        metrics = run.data.metrics
+    return {"fit_seconds": metrics["total_training_time"], "epochs": epochs,
+            "seconds_per_epoch": metrics["total_training_time"] / epochs,
+            "test_rmse": metrics["test_rmse"], "test_mae": metrics["test_mae"],
+            "test_r2": metrics["test_r2"], "peak_rss_mib": measured["peak_rss_mib"],
+            "first_epoch_seconds": measured["first_epoch_seconds"],
+            "wall_seconds": measured["wall_seconds"]}
+
+
+def sample_run(data_path: str, epochs: int, tracking_uri: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="abalone-sample-") as tmp:
+        code = ("import json, sys; sys.path.insert(0, %r); from benchmark import sample_recipe; "
+                "print('RESULT', json.dumps(sample_recipe(%r, %d, %r, %r)))"
+                % (str(Path(__file__).parent), data_path, epochs, tmp, tracking_uri))
+        measured = run_measured([sys.executable, "-c", code], Path(tmp),
+                                base_env(data_path, TF_CPP_MIN_LOG_LEVEL="2"))
+    result = json.loads(measured["output"].split("RESULT ", 1)[1].splitlines()[0])
+    result["seconds_per_epoch"] = result["fit_seconds"] / result["epochs"]
+    result["peak_rss_mib"] = measured["peak_rss_mib"]
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """An `mlflow server` on 127.0.0.1 for the callback measurements."""
+
+    def __enter__(self) -> str:
+        self.tmp = tempfile.TemporaryDirectory(prefix="abalone-bench-server-")
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp.name}/s.db",
+             "--artifacts-destination", f"{self.tmp.name}/artifacts"],
+            cwd=self.tmp.name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                return url
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("mlflow server did not start")
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        self.tmp.cleanup()
+
+
+# -- the sections ------------------------------------------------------------------------------
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def bench_default_vs_sample(args) -> dict:
+    epochs_override = [f"trainer.epochs={args.epochs}"] if args.epochs else []
+    sample_epochs = args.epochs or 100
+    ours, sample = [], []
+    for _ in range(args.repeats):  # interleaved, so both see the same machine
+        sample.append(sample_run(args.data, sample_epochs))
+        ours.append(our_run(args.data, epochs_override))
+    keys = ("fit_seconds", "seconds_per_epoch", "epochs", "test_rmse", "test_mae", "test_r2",
+            "peak_rss_mib")
+    result = {"sample": {k: median_of(sample, k) for k in keys},
+              "ours": {k: median_of(ours, k) for k in keys + ("first_epoch_seconds",
+                                                              "wall_seconds")},
+              "fit_speedup": statistics.median(s["fit_seconds"] / o["fit_seconds"]
+                                               for s, o in zip(sample, ours)),
+              "repeats": args.repeats}
+    result["test_rmse_not_worse"] = result["ours"]["test_rmse"] <= result["sample"]["test_rmse"]
+    if args.jax:
+        jax_runs = [our_run(args.data, epochs_override, {"KERAS_BACKEND": "jax"})
+                    for _ in range(args.repeats)]
+        result["ours_jax"] = {k: median_of(jax_runs, k) for k in keys + ("first_epoch_seconds",)}
+    return result
+
+
+def bench_callback(args) -> dict:
+    """The same training (fixed epochs, no early stopping) untracked, with our callback against
+    a real server, and the sample's one-request-per-metric logging against the same server."""
+    epochs = args.callback_epochs
+    fixed = [f"trainer.epochs={epochs}", "trainer.patience=0", "tracking.register=false"]
+    with MlflowServer() as url:
+        pairs = []
+        for _ in range(args.repeats):
+            off = _untracked_fit(args.data, fixed)
+            on = our_run(args.data, [*fixed, "tracking=server", f"tracking.uri={url}"],
+                         tracking_uri=url)
+            pairs.append((off, on["fit_seconds"]))
+        sample_off = sample_run(args.data, epochs)
+        sample_on = sample_run(args.data, epochs, tracking_uri=url)
+    overheads = [on / off - 1 for off, on in pairs]
+    return {"epochs": epochs, "untracked_fit_seconds": statistics.median(p[0] for p in pairs),
+            "tracked_fit_seconds": statistics.median(p[1] for p in pairs),
+            "overhead_fraction": statistics.median(overheads),
+            "sample_style_untracked_fit_seconds": sample_off["fit_seconds"],
+            "sample_style_tracked_fit_seconds": sample_on["fit_seconds"],
+            "sample_style_requests": sample_on["metric_requests"],
+            "sample_style_overhead_fraction": sample_on["fit_seconds"] / sample_off["fit_seconds"] - 1}
+
+
+def _untracked_fit(data_path: str, overrides: list[str]) -> float:
+    """Fit seconds of an untracked run, read from the run's summary line."""
+    with tempfile.TemporaryDirectory(prefix="abalone-bench-") as tmp:
+        measured = run_measured([sys.executable, "-m", "abalone.train", *overrides,
+                                 "tracking.enabled=false"], Path(tmp), base_env(data_path))
+    return float(re.search(r"done: \d+ epochs in ([0-9.]+)s", measured["output"]).group(1))
+
+
+def bench_sweep(args, n_jobs: int) -> dict:
+    import mlflow
+    import optuna
+
+    overrides = ["-m", "sweep=search", f"hydra.sweeper.n_trials={args.sweep_trials}",
+                 f"hydra.sweeper.n_jobs={n_jobs}", *args.sweep_overrides]
+    with tempfile.TemporaryDirectory(prefix="abalone-bench-sweep-") as tmp:
+        measured = run_measured([sys.executable, "-m", "abalone.train", *overrides], Path(tmp),
+                                base_env(args.data))
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+            f"{tmp}/optuna-studies.journal"))
+        (summary,) = optuna.get_all_study_summaries(storage)
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        states = [t.state.name for t in study.trials]
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+                                     registry_uri=f"sqlite:///{tmp}/mlflow.db")
+        champion = client.get_model_version_by_alias("abalone-tensorflow-model", "champion")
+        best_value = study.best_value
+    finished = states.count("COMPLETE") + states.count("PRUNED")
+    return {"n_trials": args.sweep_trials, "n_jobs": n_jobs,
+            "wall_seconds": measured["wall_seconds"],
+            "trials_per_minute": finished / measured["wall_seconds"] * 60,
+            "pruned_fraction": states.count("PRUNED") / len(states),
+            "failed": states.count("FAIL"),
+            "best_val_rmse": best_value,
+            "champion_test_rmse": float(champion.tags["test_rmse"]),
+            "peak_rss_mib": measured["peak_rss_mib"]}
+
+
+def bench_storage(args) -> dict:
+    """Seconds of storage work per trial (ask, owner attributes, one report per epoch, tell)."""
+    import optuna
+
+    from abalone.study import make_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    targets = {"journal_file": None}
+    if args.postgres_url:
+        targets["postgresql"] = args.postgres_url
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="abalone-bench-storage-") as tmp:
+        for name, url in targets.items():
+            storage = make_storage(url or f"{tmp}/bench.journal")
+            study = optuna.create_study(study_name=f"bench-{time.time_ns()}", storage=storage)
+            space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+            start = time.perf_counter()
+            for _ in range(args.storage_trials):
+                trial = study.ask(space)
+                for key in ("host", "pid", "heartbeat"):
+                    trial.set_user_attr(key, 1)
+                for epoch in range(20):
+                    trial.report(float(epoch), epoch)
+                study.tell(trial, 1.0)
+            result[name] = (time.perf_counter() - start) / args.storage_trials
+    return {"seconds_per_trial": result, "reports_per_trial": 20}
+
+
+def markdown(results: dict) -> str:
+    d, c = results["default_vs_sample"], results["callback"]
+    s, o = d["sample"], d["ours"]
+    rows = ["| figure | AWS sample's recipe | our default run |", "| --- | --- | --- |"]
+    for key, fmt in (("fit_seconds", "{:.2f} s"), ("seconds_per_epoch", "{:.3f} s"),
+                     ("epochs", "{:.0f}"), ("test_rmse", "{:.3f}"), ("test_mae", "{:.3f}"),
+                     ("test_r2", "{:.3f}"), ("peak_rss_mib", "{:.0f} MiB")):
+        rows.append(f"| {key} | {fmt.format(s[key])} | {fmt.format(o[key])} |")
+    lines = ["# Benchmark", "", f"Median of {d['repeats']} interleaved runs each.", "", *rows, "",
+             f"- fit speed-up (median of pairwise ratios): **{d['fit_speedup']:.1f}x**; "
+             f"test RMSE no worse: {d['test_rmse_not_worse']}",
+             f"- command start to first epoch line: {o['first_epoch_seconds']:.1f} s "
+             f"(whole default run: {o['wall_seconds']:.1f} s)"]
+    if "ours_jax" in d:
+        j = d["ours_jax"]
+        lines.append(f"- KERAS_BACKEND=jax: fit {j['fit_seconds']:.2f} s, {j['seconds_per_epoch']:.3f} "
+                     f"s/epoch, {j['epochs']:.0f} epochs, test RMSE {j['test_rmse']:.3f}, first "
+                     f"epoch at {j['first_epoch_seconds']:.1f} s")
+    lines += ["", f"## MLflow callback ({c['epochs']} epochs, real `mlflow server` on 127.0.0.1)",
+              "", f"- our callback: fit {c['untracked_fit_seconds']:.2f} s untracked, "
+              f"{c['tracked_fit_seconds']:.2f} s tracked: **{c['overhead_fraction'] * 100:+.1f}%**",
+              f"- sample-style logging ({c['sample_style_requests']} requests): "
+              f"{c['sample_style_untracked_fit_seconds']:.2f} s → "
+              f"{c['sample_style_tracked_fit_seconds']:.2f} s: "
+              f"**{c['sample_style_overhead_fraction'] * 100:+.1f}%**", "",
+              "## Sweeps (`sweep=search`)", "",
+              "| n_jobs | trials | wall | trials/min | pruned | best val RMSE | champion test RMSE |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for sweep in results["sweeps"]:
+        lines.append(f"| {sweep['n_jobs']} | {sweep['n_trials']} | {sweep['wall_seconds']:.0f} s "
+                     f"| {sweep['trials_per_minute']:.1f} | {sweep['pruned_fraction']:.0%} | "
+                     f"{sweep['best_val_rmse']:.3f} | {sweep['champion_test_rmse']:.3f} |")
+    st = results["storage"]
+    lines += ["", "## Study storage", "", *(f"- {name}: {seconds * 1000:.1f} ms per trial "
+                                            f"({st['reports_per_trial']} pruning reports)"
+                                            for name, seconds in st["seconds_per_trial"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("ABALONE_DATA"),
+                        help="the UCI abalone.data file (default: $ABALONE_DATA)")
+    parser.add_argument("--out", default="benchmark-results", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="cap epochs of both trainings (default: each recipe's own)")
+    parser.add_argument("--callback-epochs", type=int, default=40)
+    parser.add_argument("--sweep-trials", type=int, default=50)
+    parser.add_argument("--sweep-overrides", nargs="*", default=[])
+    parser.add_argument("--storage-trials", type=int, default=50)
+    parser.add_argument("--postgres-url", default=None,
+                        help="also time the study storage on this PostgreSQL database")
+    parser.add_argument("--no-scale", action="store_true", help="skip the n_jobs=2 sweep")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, to check that every figure is produced")
+    args = parser.parse_args()
+    if not args.data:
+        parser.error("give --data or set ABALONE_DATA")
+    args.data = str(Path(args.data).resolve())
+    if args.smoke:
+        args.repeats, args.epochs, args.callback_epochs = 1, 2, 2
+        args.sweep_trials, args.storage_trials = 2, 3
+        args.sweep_overrides = ["trainer.epochs=2", *args.sweep_overrides]
+    try:
+        import jax  # noqa: F401
+        args.jax = True
+    except ImportError:
+        args.jax = False
+
+    results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+               "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    print("default run vs the sample's recipe ...", flush=True)
+    results["default_vs_sample"] = bench_default_vs_sample(args)
+    print("callback overhead ...", flush=True)
+    results["callback"] = bench_callback(args)
+    print("sweeps ...", flush=True)
+    results["sweeps"] = [bench_sweep(args, 1)]
+    if not args.no_scale:
+        results["sweeps"].append(bench_sweep(args, 2))
+    print("study storage ...", flush=True)
+    results["storage"] = bench_storage(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
+    report = markdown(results)
+    (args.out / "benchmark.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
