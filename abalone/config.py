@@ -90,7 +90,11 @@ class TrainerConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"
+    uri: Optional[str] = "sqlite:///mlflow.db"
+    # SageMaker managed MLflow (tracking=sagemaker): the server's ARN, or its name and region.
+    arn: Optional[str] = None
+    server_name: Optional[str] = None
+    region: Optional[str] = None
     experiment: str = "abalone-tensorflow-experiment"
     registered_model: str = "abalone-tensorflow-model"
     register: bool = True
@@ -100,12 +104,20 @@ class TrackingConfig:
 
 
 @dataclass
+class OutputConfig:
+    # s3://bucket/prefix: each run's output folder (model, config, plots) is uploaded to
+    # s3://bucket/prefix/<MLflow run id>/ after training.
+    s3_uri: Optional[str] = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
@@ -138,6 +150,10 @@ def check_ranges(cfg: Any) -> None:
     _require(t.steps_per_execution >= 0, "trainer.steps_per_execution", ">= 0",
              t.steps_per_execution)
     _require(tr.connect_timeout > 0, "tracking.connect_timeout", "> 0", tr.connect_timeout)
+    _require(bool(tr.uri or tr.arn or tr.server_name) or not tr.enabled, "tracking.uri",
+             "set (or tracking.arn, or tracking.server_name for SageMaker)", tr.uri)
+    _require(not cfg.output.s3_uri or cfg.output.s3_uri.startswith("s3://"), "output.s3_uri",
+             "an s3://bucket/prefix URI", cfg.output.s3_uri)
     _require(bool(tr.experiment), "tracking.experiment", "a non-empty name", tr.experiment)
     _require(bool(tr.registered_model) or not tr.register, "tracking.registered_model",
              "a non-empty name when tracking.register=true", tr.registered_model)

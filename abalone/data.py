@@ -1,7 +1,8 @@
 """The Abalone data: where the file comes from, what a valid row is, and how rows are split.
 
-Source, in order: `data.path`, `$ABALONE_DATA`, a cache of the UCI file downloaded on first use
-and verified by sha256. Every row is checked before anything trains; an error names the file,
+Source, in order: `data.path`, `$ABALONE_DATA`, `$SM_CHANNEL_TRAINING/abalone.data` (the DLC and
+SageMaker training-job convention), a cache of the UCI file downloaded on first use and verified
+by sha256. Every row is checked before anything trains; an error names the file,
 line and column. The test rows are the AWS sample's holdout (scikit-learn
 `train_test_split(test_size=0.2, random_state=42)` over the file's row order) so results compare
 with it; validation rows come out of the rest with `data.split_seed`.
@@ -49,13 +50,17 @@ def sha256_of(path: Path) -> str:
 
 
 def resolve_path(data_cfg) -> Path:
-    """The local file to read: data.path, else $ABALONE_DATA, else the verified UCI cache."""
+    """The local file to read: data.path, else $ABALONE_DATA, else abalone.data in the SageMaker
+    training channel ($SM_CHANNEL_TRAINING, when it has one), else the verified UCI cache."""
     for source, value in (("data.path", data_cfg.path), (DATA_ENV, os.environ.get(DATA_ENV))):
         if value:
             path = Path(value).expanduser()
             if not path.is_file():
                 raise DataError(f"{source} points at {path}, which is not a file")
             return path
+    channel = os.environ.get("SM_CHANNEL_TRAINING")
+    if channel and (Path(channel) / "abalone.data").is_file():
+        return Path(channel) / "abalone.data"
     return _cached_download(data_cfg.url, data_cfg.sha256, Path(data_cfg.cache_dir).expanduser())
 
 

@@ -49,12 +49,18 @@ def _environ(**values: str) -> Iterator[None]:
 
 
 def connect(tracking_cfg) -> str:
-    """Point MLflow at tracking.uri and select the experiment; return its id.
+    """Point MLflow at tracking.uri (or the SageMaker server of tracking.arn/server_name) and
+    select the experiment; return its id.
 
     The first request goes out with no retries and a short timeout, so an unreachable server is
     reported in seconds; later requests keep a few quick retries for transient errors.
     """
-    uri = tracking_cfg.uri
+    if tracking_cfg.arn or tracking_cfg.server_name:
+        from abalone.aws import sagemaker_tracking_uri
+
+        uri = sagemaker_tracking_uri(tracking_cfg)
+    else:
+        uri = tracking_cfg.uri
     mlflow.set_tracking_uri(uri)
     timeout = str(max(1, int(tracking_cfg.connect_timeout)))
     try:
@@ -63,7 +69,8 @@ def connect(tracking_cfg) -> str:
     except Exception as err:  # MLflow raises many types here (MlflowException, OSError, ...)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrackingError(
-            f"cannot use the MLflow tracking server at {redact(uri)} (config key tracking.uri): "
+            f"cannot use the MLflow tracking server at {redact(uri)} (config key "
+            f"{'tracking.arn' if uri.startswith('arn:') else 'tracking.uri'}): "
             f"{reason}. Check that the server is running and reachable, or run with "
             f"tracking.uri=sqlite:///mlflow.db to track locally.") from err
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -161,7 +168,12 @@ def end_failed_run(error: BaseException, is_trial: bool) -> None:
     mlflow.end_run("KILLED" if pruned or isinstance(error, KeyboardInterrupt) else "FAILED")
 
 
-def where_to_look(uri: str) -> str:
+def where_to_look() -> str:
+    """Where a person looks at the runs just tracked (MLflow must be connected)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("arn:"):
+        return (f"SageMaker Studio > Applications > MLflow > {uri.rsplit('/', 1)[-1]} "
+                f"(tracking server {uri})")
     if uri.startswith(("http://", "https://")):
         return redact(uri)
     return f"mlflow ui --backend-store-uri {redact(uri)}"

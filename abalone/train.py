@@ -40,6 +40,7 @@ class RunResult:
     fit_seconds: float
     model_version: str | None = None
     objective: float | None = None  # in a sweep: the best epoch's value of the sweep's metric
+    s3_location: str | None = None
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -120,6 +121,10 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
     tracked = cfg.tracking.enabled
     if tracked:
         experiment_id = tracking.connect(cfg.tracking)
+    if cfg.output.s3_uri:
+        from abalone import aws
+
+        aws.check_s3_output(cfg.output.s3_uri)
 
     keras = import_keras()
     from abalone.callbacks import EpochPrinter, MlflowLogger
@@ -192,7 +197,13 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
         plots = evaluate.save_plots(history, test_y, predicted, output_dir / "plots")
         keras_path = output_dir / "model.keras"
         model.save(keras_path)
+        if cfg.output.s3_uri:
+            result.s3_location = aws.upload_folder(output_dir, cfg.output.s3_uri,
+                                                   run_id or output_dir.name)
+            log.info("outputs uploaded to %s", result.s3_location)
         if tracked:
+            if cfg.output.s3_uri:
+                mlflow.set_tag("output.s3_location", result.s3_location)
             mlflow.log_metrics(metrics)
             mlflow.log_artifact(str(config_path))
             for plot in plots:
@@ -230,7 +241,7 @@ def _summary(cfg: DictConfig, result: RunResult, output_dir: Path) -> None:
                      result.model_version)
         from abalone.tracking import where_to_look
 
-        log.info("look: %s", where_to_look(cfg.tracking.uri))
+        log.info("look: %s", where_to_look())
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 # Sourced by train.sh and test.sh: make .venv (once) and install the project into it.
 # Reinstalls only when pyproject.toml changed since the last install.
 set -euo pipefail
@@ -5,7 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ABALONE_VENV:-$ROOT/.venv}"
 ensure_venv() {  # $1: the extras to install, e.g. "dev" or ""
     local extras="${1:-}" spec="$ROOT" stamp
-    [ -n "$extras" ] && spec="$ROOT[$extras]"
+    if [ -n "$extras" ]; then
+        spec="${ROOT}[${extras}]"
+    fi
     stamp="$VENV/.abalone-installed${extras:+-$extras}"
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"

@@ -29,9 +29,12 @@ def test_defaults_are_the_documented_ones():
     assert cfg.tracking.experiment == "abalone-tensorflow-experiment"
     assert cfg.tracking.registered_model == "abalone-tensorflow-model"
     assert cfg.tracking.register is True
-    assert (cfg.model.units, cfg.model.depth, cfg.model.taper) == (64, 3, 0.5)  # 64-32-16
-    assert cfg.model.dropout == 0.2 and cfg.model.batch_norm
-    assert {"baseline", "wide", "deep"} <= set(MODELS)
+    assert (cfg.model.units, cfg.model.depth, cfg.model.batch_norm) == (128, 3, False)  # mlp
+    assert (cfg.trainer.batch_size, cfg.optimizer.schedule.value) == (256, "cosine")
+    baseline = compose_config("model=baseline").model
+    assert (baseline.units, baseline.depth, baseline.taper) == (64, 3, 0.5)  # 64-32-16
+    assert baseline.dropout == 0.2 and baseline.batch_norm
+    assert {"baseline", "wide", "deep", "mlp"} <= set(MODELS)
     assert {"adam", "adamw", "sgd"} <= set(OPTIMIZERS)
 
 
@@ -90,7 +93,7 @@ def test_every_model_and_optimizer_builds_and_trains_a_step(model_name, optimize
 def test_baseline_is_the_sample_network():
     from hydra.utils import instantiate as build
 
-    cfg = compose_config()
+    cfg = compose_config("model=baseline")
     model = build(cfg.model, feature_mean=np.zeros(7), feature_variance=np.ones(7))
     kinds = [type(layer).__name__ for layer in model.layers
              if type(layer).__name__ in ("Dense", "BatchNormalization", "Dropout")]

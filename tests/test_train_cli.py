@@ -102,7 +102,7 @@ def test_default_run_is_tracked_on_an_mlflow_server(tmp_path, data_file, mlflow_
     done = run_cli([*TINY, "tracking=server", f"tracking.uri={mlflow_server}"], cwd=tmp_path,
                    data=data_file)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_complete_run(mlflow_server, data_file, {"model.units": "64", "optimizer.lr": "0.001"},
+    assert_complete_run(mlflow_server, data_file, {"model.units": "128", "optimizer.lr": "0.01"},
                         monkeypatch)
     assert f"look: {mlflow_server}" in done.stdout + done.stderr
     assert not (tmp_path / "mlflow.db").exists()

@@ -351,7 +351,7 @@ class _Sweep:
             log.info("%s", message)
             client.set_tag(parent, "registration", message)
         client.set_terminated(parent, "FINISHED")
-        log.info("look: %s", tracking.where_to_look(self.tracking_cfg.uri))
+        log.info("look: %s", tracking.where_to_look())
 
     def print_table(self, complete) -> None:
         reverse = self.direction == "maximize"

@@ -1,0 +1,107 @@
+"""AWS: SageMaker managed MLflow tracking servers (by ARN or by name) and S3 output uploads.
+
+Credentials, profile, region and endpoints come from the usual AWS settings (environment,
+~/.aws, instance role) through boto3; nothing here logs or stores them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from abalone.config import AbaloneError
+
+ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:"
+                 r"(mlflow-tracking-server|mlflow-app)/[A-Za-z0-9][A-Za-z0-9-]*$")
+S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?$")
+
+
+class AwsError(AbaloneError):
+    """An AWS setting or service is not usable; the message names the key and the cause."""
+
+
+def _credentials_or_fail(what: str) -> None:
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        raise AwsError(f"{what} needs AWS credentials and none were found: set AWS_PROFILE or "
+                       "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run with an instance role")
+
+
+def sagemaker_tracking_uri(tracking_cfg) -> str:
+    """The tracking URI (the server's ARN) for tracking.arn, or for tracking.server_name in
+    tracking.region, after checking the plugin and credentials that requests will need."""
+    if importlib.util.find_spec("sagemaker_mlflow") is None:
+        raise AwsError("tracking to SageMaker managed MLflow needs the sagemaker-mlflow plugin: "
+                       "pip install sagemaker-mlflow")
+    _credentials_or_fail("tracking to SageMaker managed MLflow")
+    arn = tracking_cfg.arn
+    if not arn:
+        if not tracking_cfg.region:
+            raise AwsError("tracking.server_name needs tracking.region (or set tracking.arn)")
+        arn = describe_tracking_server(tracking_cfg.server_name, tracking_cfg.region)
+    if not ARN.match(arn):
+        raise AwsError(f"config key tracking.arn: {arn!r} is not a SageMaker MLflow tracking "
+                       "server ARN (arn:aws:sagemaker:REGION:ACCOUNT:mlflow-tracking-server/NAME)")
+    return arn
+
+
+def describe_tracking_server(name: str, region: str) -> str:
+    """The ARN of the tracking server called `name`, as the AWS sample looks it up."""
+    import boto3
+    import botocore.exceptions
+    from botocore.config import Config
+
+    client = boto3.client("sagemaker", region_name=region,
+                          config=Config(connect_timeout=5, read_timeout=10,
+                                        retries={"max_attempts": 2}))
+    try:
+        return client.describe_mlflow_tracking_server(TrackingServerName=name)["TrackingServerArn"]
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+        raise AwsError(f"cannot look up the MLflow tracking server tracking.server_name={name} "
+                       f"in tracking.region={region}: {err}") from err
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    match = S3_URI.match(uri)
+    if not match:
+        raise AwsError(f"config key output.s3_uri: {uri!r} is not an s3://bucket/prefix URI")
+    return match.group(1), (match.group(2) or "").strip("/")
+
+
+def _s3_client():
+    import boto3
+
+    # boto3 reads AWS_ENDPOINT_URL(_S3) itself; MLFLOW_S3_ENDPOINT_URL is MLflow's name for it.
+    endpoint = (None if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                else os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def check_s3_output(uri: str) -> None:
+    """Fail before training if the output bucket cannot be reached."""
+    import botocore.exceptions
+
+    bucket, _ = split_s3_uri(uri)
+    _credentials_or_fail("output.s3_uri")
+    try:
+        _s3_client().head_bucket(Bucket=bucket)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+        raise AwsError(f"config key output.s3_uri: cannot reach bucket {bucket!r}: {err}") from err
+
+
+def upload_folder(folder: Path, uri: str, name: str) -> str:
+    """Upload every file below `folder` to `uri`/`name`/...; return that S3 location."""
+    import botocore.exceptions
+
+    bucket, prefix = split_s3_uri(uri)
+    base = "/".join(p for p in (prefix, name) if p)
+    s3 = _s3_client()
+    try:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            s3.upload_file(str(path), bucket, f"{base}/{path.relative_to(folder).as_posix()}")
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+        raise AwsError(f"uploading {folder} to s3://{bucket}/{base} failed: {err}") from err
+    return f"s3://{bucket}/{base}"
