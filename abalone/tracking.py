@@ -48,6 +48,9 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[key] = old
 
 
+_connected: dict[tuple[str, str], str] = {}  # (uri, experiment) -> id, for a sweep's trials
+
+
 def connect(tracking_cfg) -> str:
     """Point MLflow at tracking.uri (or the SageMaker server of tracking.arn/server_name) and
     select the experiment; return its id.
@@ -62,6 +65,8 @@ def connect(tracking_cfg) -> str:
     else:
         uri = tracking_cfg.uri
     mlflow.set_tracking_uri(uri)
+    if (uri, tracking_cfg.experiment) in _connected:
+        return _connected[uri, tracking_cfg.experiment]
     timeout = str(max(1, int(tracking_cfg.connect_timeout)))
     try:
         with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=timeout):
@@ -75,6 +80,7 @@ def connect(tracking_cfg) -> str:
             f"tracking.uri=sqlite:///mlflow.db to track locally.") from err
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    _connected[uri, tracking_cfg.experiment] = experiment.experiment_id
     return experiment.experiment_id
 
 
