@@ -1,0 +1,48 @@
+"""The benchmark's smoke mode (tiny sizes) produces every figure; the figures themselves are
+measured by running scripts/benchmark.py in full, never asserted as timings here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def numbers(tree, path=""):
+    """Every leaf of the results, with its path."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from numbers(value, f"{path}.{key}")
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from numbers(value, f"{path}[{index}]")
+    else:
+        yield path, tree
+
+
+def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--smoke",
+                           "--data", str(data_file), "--out", str(tmp_path / "out"),
+                           "--postgres-url", postgres_url],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    results = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    d, c = results["default_vs_sample"], results["callback"]
+    for side in ("sample", "ours"):
+        for key in ("fit_seconds", "seconds_per_epoch", "epochs", "test_rmse", "test_mae",
+                    "test_r2", "peak_rss_mib"):
+            assert isinstance(d[side][key], (int, float)) and d[side][key] > -100, (side, key)
+    assert d["ours"]["first_epoch_seconds"] > 0 and d["fit_speedup"] > 0
+    assert d["ours_jax"]["fit_seconds"] > 0  # jax is in the dev extra
+    assert c["tracked_fit_seconds"] > 0 and c["untracked_fit_seconds"] > 0
+    assert c["sample_style_requests"] == 2 * 8  # 6 Keras logs + 2 extras, per epoch
+    assert [s["n_jobs"] for s in results["sweeps"]] == [1, 2]
+    for sweep in results["sweeps"]:
+        assert sweep["wall_seconds"] > 0 and sweep["trials_per_minute"] > 0
+        assert 0 <= sweep["pruned_fraction"] <= 1 and sweep["champion_test_rmse"] > 0
+    assert set(results["storage"]["seconds_per_trial"]) == {"journal_file", "postgresql"}
+    assert all(value is not None for _, value in numbers(results) if _ != ".settings.postgres_url")
+    report = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "fit speed-up" in report and "| 2 |" in report and "postgresql" in report
