@@ -78,18 +78,22 @@ def sample_recipe(data_path: str, epochs: int, out_dir: str, tracking_uri: str |
         mlflow.start_run()
 
         class SampleStyleLogger(keras.callbacks.Callback):
+            durations: list[float] = []
+
             def on_epoch_begin(self, epoch, logs=None):
                 self.start = time.time()
 
             def on_epoch_end(self, epoch, logs=None):
                 nonlocal requests
+                self.durations.append(time.time() - self.start)
                 for name, value in (logs or {}).items():
                     mlflow.log_metric(name, value, step=epoch)
                     requests += 1
-                mlflow.log_metric("epoch_duration", time.time() - self.start, step=epoch)
+                mlflow.log_metric("epoch_duration", self.durations[-1], step=epoch)
+                mlflow.log_metric("avg_epoch_duration", float(np.mean(self.durations)), step=epoch)
                 lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
                 mlflow.log_metric("learning_rate", lr, step=epoch)
-                requests += 2
+                requests += 3
 
         callbacks.append(SampleStyleLogger())
     start = time.perf_counter()
