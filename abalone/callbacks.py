@@ -1,16 +1,18 @@
 """Keras callbacks: our MLflow logger and the terminal's one line per epoch.
 
-`MlflowLogger` sends each epoch's metrics as one batched request (the AWS sample sends one
-blocking request per metric) from a background thread, so training never waits on the network,
-and waits for all of them before training returns, so a run never ends with metrics in flight.
-(MLflow's own asynchronous logging costs most of a second to shut down at every run's end.)
+`MlflowLogger` sends each epoch's metrics in one batched request (the AWS sample sends one
+blocking request per metric) from a background thread, so training never waits on the network;
+epochs that finish while a request is in flight share the next one. Training returns only after
+the last batch is acknowledged, so a run never ends with metrics in flight. (MLflow's own
+asynchronous logging costs most of a second to shut down at the end of every run.)
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import keras
 from mlflow.entities import Metric
@@ -24,8 +26,7 @@ def current_learning_rate(optimizer) -> float:
 
 
 class MlflowLogger(keras.callbacks.Callback):
-    """Logs every epoch's metrics with one batched call off the training thread; waits for them
-    all at the end.
+    """Logs every epoch's metrics off the training thread, at most one request per epoch.
 
     Per epoch: Keras's logs (loss, mae, rmse and their val_ twins), learning_rate and
     epoch_duration (seconds), at step = epoch number (from 1). At the end: total_training_time.
@@ -35,13 +36,13 @@ class MlflowLogger(keras.callbacks.Callback):
         super().__init__()
         self.client = client
         self.run_id = run_id
-        self._pending: list = []
 
     def on_train_begin(self, logs=None):
         self._train_start = time.perf_counter()
-        self._pending = []
-        # One worker: batches reach the server in epoch order.
-        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-logger")
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: Exception | None = None
+        self._sender = threading.Thread(target=self._send, name="mlflow-logger", daemon=True)
+        self._sender.start()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -50,20 +51,39 @@ class MlflowLogger(keras.callbacks.Callback):
         values = {k: float(v) for k, v in (logs or {}).items()}
         values["learning_rate"] = current_learning_rate(self.model.optimizer)
         values["epoch_duration"] = time.perf_counter() - self._epoch_start
-        self._log(values, step=epoch + 1)
+        self._queue(values, step=epoch + 1)
 
     def on_train_end(self, logs=None):
-        self._log({"total_training_time": time.perf_counter() - self._train_start}, step=0)
-        pending, self._pending = self._pending, []
-        self._sender.shutdown(wait=True)
-        for sent in pending:
-            sent.result()  # raises if the server refused a batch
+        self._queue({"total_training_time": time.perf_counter() - self._train_start}, step=0)
+        self._outbox.put(None)
+        self._sender.join()
+        if self._error is not None:
+            raise self._error  # the server refused or never got a batch
 
-    def _log(self, values: dict[str, float], step: int) -> None:
+    def _queue(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        metrics = [Metric(key, value, now, step) for key, value in values.items()]
-        self._pending.append(self._sender.submit(self.client.log_batch, self.run_id,
-                                                 metrics=metrics))
+        self._outbox.put([Metric(key, value, now, step) for key, value in values.items()])
+
+    def _send(self) -> None:
+        finished = False
+        while not finished:
+            metrics = self._outbox.get()
+            if metrics is None:
+                return
+            while True:  # whatever queued up during the last request goes in this one
+                try:
+                    more = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    finished = True
+                    break
+                metrics.extend(more)
+            if self._error is None:
+                try:
+                    self.client.log_batch(self.run_id, metrics=metrics)
+                except Exception as err:  # re-raised on the training thread at the end
+                    self._error = err
 
 
 class EpochPrinter(keras.callbacks.Callback):

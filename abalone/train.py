@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -30,6 +31,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from abalone.config import AbaloneError, ConfigError, check_ranges  # noqa: E402
 
 log = logging.getLogger("abalone")
+# conf/ sits beside the package in the source tree (installed editable); an absolute path lets
+# the `abalone-train` console script find it as well as `python -m abalone.train`.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @dataclass
@@ -93,12 +97,13 @@ def build_model(cfg: DictConfig, splits, keras):
     optimizer = instantiate(cfg.optimizer, steps_per_epoch=steps_per_epoch,
                             epochs=cfg.trainer.epochs)
     # One call into the compiled step function per epoch: Python round trips, not arithmetic,
-    # dominate a network this small. jit_compile=False: XLA's compile time outweighs its gain.
+    # dominate a network this small. Under TensorFlow, XLA's compile time outweighs its gain;
+    # JAX without jit would run op by op.
     model.compile(optimizer=optimizer, loss="mse",
                   metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
                            keras.metrics.MeanAbsoluteError(name="mae")],
                   steps_per_execution=cfg.trainer.steps_per_execution or steps_per_epoch,
-                  jit_compile=False)
+                  jit_compile=keras.backend.backend() != "tensorflow")
     return model
 
 
@@ -122,9 +127,9 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
     if tracked:
         experiment_id = tracking.connect(cfg.tracking)
     if cfg.output.s3_uri:
-        from abalone import aws
+        from abalone.aws import check_s3_output
 
-        aws.check_s3_output(cfg.output.s3_uri)
+        check_s3_output(cfg.output.s3_uri)
 
     keras = import_keras()
     from abalone.callbacks import EpochPrinter, MlflowLogger
@@ -164,7 +169,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
                 trial.trial.set_user_attr("mlflow_run_id", run_id)
             else:
                 log.info("MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment,
-                         tracking.redact(cfg.tracking.uri))
+                         tracking.redact(mlflow.get_tracking_uri()))
         if trial:  # last, so the epoch is logged before a prune stops training
             from optuna_integration import KerasPruningCallback
 
@@ -174,7 +179,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
                                                  t.batch_size, t.seed, keras.backend.backend()),
                             epochs=t.epochs, verbose=0, callbacks=callbacks).history
         fit_seconds = time.perf_counter() - fit_start
-        if not all(map(_finite, history.get("loss", [float("nan")]))):
+        if not all(math.isfinite(v) for v in history.get("loss") or [math.nan]):
             raise TrainingDiverged("training loss became NaN or infinite; lower optimizer.lr "
                                    "or change the model")
 
@@ -191,31 +196,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
 
             result.objective = best_of(history, trial.metric, trial.direction)
 
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config_path = output_dir / "config.yaml"
-        config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        plots = evaluate.save_plots(history, test_y, predicted, output_dir / "plots")
-        keras_path = output_dir / "model.keras"
-        model.save(keras_path)
-        if cfg.output.s3_uri:
-            result.s3_location = aws.upload_folder(output_dir, cfg.output.s3_uri,
-                                                   run_id or output_dir.name)
-            log.info("outputs uploaded to %s", result.s3_location)
-        if tracked:
-            if cfg.output.s3_uri:
-                mlflow.set_tag("output.s3_location", result.s3_location)
-            mlflow.log_metrics(metrics)
-            mlflow.log_artifact(str(config_path))
-            for plot in plots:
-                mlflow.log_artifact(str(plot), artifact_path="plots")
-            model_uri = tracking.log_model(keras_path, splits.test, predicted)
-            if cfg.tracking.register and not trial:
-                version = tracking.register(model_uri, cfg.tracking.registered_model, run_id,
-                                            metrics)
-                result.model_version = version.version
-            if trial:
-                trial.trial.set_user_attr("mlflow_model_uri", model_uri)
-                mlflow.set_tag("optuna.state", "COMPLETE")
+        save_outputs(cfg, model, history, splits.test, predicted, output_dir, result, trial)
     except BaseException as err:
         if tracked:
             tracking.end_failed_run(err, is_trial=trial is not None)
@@ -225,8 +206,41 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
     return result
 
 
-def _finite(value: float) -> bool:
-    return value == value and abs(value) != float("inf")
+def save_outputs(cfg: DictConfig, model, history: dict, test_rows, predicted, output_dir: Path,
+                 result: RunResult, trial) -> None:
+    """Write the run's folder (config, plots, Keras model), upload it to output.s3_uri, and log
+    it to the active MLflow run with the pyfunc model; register the model outside sweeps."""
+    import mlflow
+
+    from abalone import data, evaluate, tracking
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / "config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    plots = evaluate.save_plots(history, data.target(test_rows), predicted, output_dir / "plots")
+    keras_path = output_dir / "model.keras"
+    model.save(keras_path)
+    if cfg.output.s3_uri:
+        from abalone import aws
+
+        result.s3_location = aws.upload_folder(output_dir, cfg.output.s3_uri,
+                                               result.run_id or output_dir.name)
+        log.info("outputs uploaded to %s", result.s3_location)
+    if not result.run_id:
+        return
+    if result.s3_location:
+        mlflow.set_tag("output.s3_location", result.s3_location)
+    mlflow.log_metrics(result.metrics)
+    mlflow.log_artifact(str(config_path))
+    for plot in plots:
+        mlflow.log_artifact(str(plot), artifact_path="plots")
+    model_uri = tracking.log_model(keras_path, test_rows, predicted)
+    if trial:
+        trial.trial.set_user_attr("mlflow_model_uri", model_uri)
+        mlflow.set_tag("optuna.state", "COMPLETE")
+    elif cfg.tracking.register:
+        result.model_version = tracking.register(model_uri, cfg.tracking.registered_model,
+                                                 result.run_id, result.metrics).version
 
 
 def _summary(cfg: DictConfig, result: RunResult, output_dir: Path) -> None:
@@ -244,7 +258,7 @@ def _summary(cfg: DictConfig, result: RunResult, output_dir: Path) -> None:
         log.info("look: %s", where_to_look())
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from abalone.study import ACTIVE_TRIAL
 

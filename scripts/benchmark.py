@@ -240,33 +240,33 @@ def bench_default_vs_sample(args) -> dict:
 
 def bench_callback(args) -> dict:
     """The same training (fixed epochs, no early stopping) untracked, with our callback against
-    a real server, and the sample's one-request-per-metric logging against the same server."""
+    a real server, and the sample's one-request-per-metric logging against the same server.
+    Fit seconds are model.fit's wall time in both cases (the run's summary line), which includes
+    waiting for the last metrics to reach the server."""
     epochs = args.callback_epochs
     fixed = [f"trainer.epochs={epochs}", "trainer.patience=0", "tracking.register=false"]
     with MlflowServer() as url:
         pairs = []
         for _ in range(args.repeats):
-            off = _untracked_fit(args.data, fixed)
-            on = our_run(args.data, [*fixed, "tracking=server", f"tracking.uri={url}"],
-                         tracking_uri=url)
-            pairs.append((off, on["fit_seconds"]))
+            off = _fit_seconds(args.data, [*fixed, "tracking.enabled=false"])
+            on = _fit_seconds(args.data, [*fixed, "tracking=server", f"tracking.uri={url}"])
+            pairs.append((off, on))
         sample_off = sample_run(args.data, epochs)
         sample_on = sample_run(args.data, epochs, tracking_uri=url)
-    overheads = [on / off - 1 for off, on in pairs]
     return {"epochs": epochs, "untracked_fit_seconds": statistics.median(p[0] for p in pairs),
             "tracked_fit_seconds": statistics.median(p[1] for p in pairs),
-            "overhead_fraction": statistics.median(overheads),
+            "overhead_fraction": statistics.median(on / off - 1 for off, on in pairs),
             "sample_style_untracked_fit_seconds": sample_off["fit_seconds"],
             "sample_style_tracked_fit_seconds": sample_on["fit_seconds"],
             "sample_style_requests": sample_on["metric_requests"],
             "sample_style_overhead_fraction": sample_on["fit_seconds"] / sample_off["fit_seconds"] - 1}
 
 
-def _untracked_fit(data_path: str, overrides: list[str]) -> float:
-    """Fit seconds of an untracked run, read from the run's summary line."""
+def _fit_seconds(data_path: str, overrides: list[str]) -> float:
+    """model.fit's wall seconds in a run, read from its summary line."""
     with tempfile.TemporaryDirectory(prefix="abalone-bench-") as tmp:
-        measured = run_measured([sys.executable, "-m", "abalone.train", *overrides,
-                                 "tracking.enabled=false"], Path(tmp), base_env(data_path))
+        measured = run_measured([sys.executable, "-m", "abalone.train", *overrides], Path(tmp),
+                                base_env(data_path))
     return float(re.search(r"done: \d+ epochs in ([0-9.]+)s", measured["output"]).group(1))
 
 
@@ -328,41 +328,51 @@ def bench_storage(args) -> dict:
 
 
 def markdown(results: dict) -> str:
-    d, c = results["default_vs_sample"], results["callback"]
-    s, o = d["sample"], d["ours"]
-    rows = ["| figure | AWS sample's recipe | our default run |", "| --- | --- | --- |"]
-    for key, fmt in (("fit_seconds", "{:.2f} s"), ("seconds_per_epoch", "{:.3f} s"),
-                     ("epochs", "{:.0f}"), ("test_rmse", "{:.3f}"), ("test_mae", "{:.3f}"),
-                     ("test_r2", "{:.3f}"), ("peak_rss_mib", "{:.0f} MiB")):
-        rows.append(f"| {key} | {fmt.format(s[key])} | {fmt.format(o[key])} |")
-    lines = ["# Benchmark", "", f"Median of {d['repeats']} interleaved runs each.", "", *rows, "",
-             f"- fit speed-up (median of pairwise ratios): **{d['fit_speedup']:.1f}x**; "
-             f"test RMSE no worse: {d['test_rmse_not_worse']}",
-             f"- command start to first epoch line: {o['first_epoch_seconds']:.1f} s "
-             f"(whole default run: {o['wall_seconds']:.1f} s)"]
-    if "ours_jax" in d:
-        j = d["ours_jax"]
-        lines.append(f"- KERAS_BACKEND=jax: fit {j['fit_seconds']:.2f} s, {j['seconds_per_epoch']:.3f} "
-                     f"s/epoch, {j['epochs']:.0f} epochs, test RMSE {j['test_rmse']:.3f}, first "
-                     f"epoch at {j['first_epoch_seconds']:.1f} s")
-    lines += ["", f"## MLflow callback ({c['epochs']} epochs, real `mlflow server` on 127.0.0.1)",
-              "", f"- our callback: fit {c['untracked_fit_seconds']:.2f} s untracked, "
-              f"{c['tracked_fit_seconds']:.2f} s tracked: **{c['overhead_fraction'] * 100:+.1f}%**",
-              f"- sample-style logging ({c['sample_style_requests']} requests): "
-              f"{c['sample_style_untracked_fit_seconds']:.2f} s → "
-              f"{c['sample_style_tracked_fit_seconds']:.2f} s: "
-              f"**{c['sample_style_overhead_fraction'] * 100:+.1f}%**", "",
-              "## Sweeps (`sweep=search`)", "",
-              "| n_jobs | trials | wall | trials/min | pruned | best val RMSE | champion test RMSE |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for sweep in results["sweeps"]:
-        lines.append(f"| {sweep['n_jobs']} | {sweep['n_trials']} | {sweep['wall_seconds']:.0f} s "
-                     f"| {sweep['trials_per_minute']:.1f} | {sweep['pruned_fraction']:.0%} | "
-                     f"{sweep['best_val_rmse']:.3f} | {sweep['champion_test_rmse']:.3f} |")
-    st = results["storage"]
-    lines += ["", "## Study storage", "", *(f"- {name}: {seconds * 1000:.1f} ms per trial "
-                                            f"({st['reports_per_trial']} pruning reports)"
-                                            for name, seconds in st["seconds_per_trial"].items())]
+    lines = ["# Benchmark", ""]
+    if "default_vs_sample" in results:
+        d = results["default_vs_sample"]
+        s, o = d["sample"], d["ours"]
+        lines += [f"Median of {d['repeats']} interleaved runs each.", "",
+                  "| figure | AWS sample's recipe | our default run |", "| --- | --- | --- |"]
+        for key, fmt in (("fit_seconds", "{:.2f} s"), ("seconds_per_epoch", "{:.3f} s"),
+                         ("epochs", "{:.0f}"), ("test_rmse", "{:.3f}"), ("test_mae", "{:.3f}"),
+                         ("test_r2", "{:.3f}"), ("peak_rss_mib", "{:.0f} MiB")):
+            lines.append(f"| {key} | {fmt.format(s[key])} | {fmt.format(o[key])} |")
+        lines += ["", f"- fit speed-up (median of pairwise ratios): **{d['fit_speedup']:.1f}x**; "
+                  f"test RMSE no worse: {d['test_rmse_not_worse']}",
+                  f"- command start to first epoch line: {o['first_epoch_seconds']:.1f} s "
+                  f"(whole default run: {o['wall_seconds']:.1f} s)"]
+        if "ours_jax" in d:
+            j = d["ours_jax"]
+            lines.append(f"- KERAS_BACKEND=jax: fit {j['fit_seconds']:.2f} s, "
+                         f"{j['seconds_per_epoch']:.3f} s/epoch, {j['epochs']:.0f} epochs, test "
+                         f"RMSE {j['test_rmse']:.3f}, first epoch at "
+                         f"{j['first_epoch_seconds']:.1f} s")
+    if "callback" in results:
+        c = results["callback"]
+        lines += ["", f"## MLflow callback ({c['epochs']} epochs, real `mlflow server` on "
+                  "127.0.0.1)", "",
+                  f"- our callback: fit {c['untracked_fit_seconds']:.2f} s untracked, "
+                  f"{c['tracked_fit_seconds']:.2f} s tracked: "
+                  f"**{c['overhead_fraction'] * 100:+.1f}%**",
+                  f"- sample-style logging ({c['sample_style_requests']} requests): "
+                  f"{c['sample_style_untracked_fit_seconds']:.2f} s → "
+                  f"{c['sample_style_tracked_fit_seconds']:.2f} s: "
+                  f"**{c['sample_style_overhead_fraction'] * 100:+.1f}%**"]
+    if "sweeps" in results:
+        lines += ["", "## Sweeps (`sweep=search`)", "",
+                  "| n_jobs | trials | wall | trials/min | pruned | best val RMSE | champion test "
+                  "RMSE |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for sweep in results["sweeps"]:
+            lines.append(f"| {sweep['n_jobs']} | {sweep['n_trials']} | "
+                         f"{sweep['wall_seconds']:.0f} s | {sweep['trials_per_minute']:.1f} | "
+                         f"{sweep['pruned_fraction']:.0%} | {sweep['best_val_rmse']:.3f} | "
+                         f"{sweep['champion_test_rmse']:.3f} |")
+    if "storage" in results:
+        st = results["storage"]
+        lines += ["", "## Study storage", ""]
+        lines += [f"- {name}: {seconds * 1000:.1f} ms per trial ({st['reports_per_trial']} "
+                  "pruning reports)" for name, seconds in st["seconds_per_trial"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -382,6 +392,8 @@ def main() -> None:
     parser.add_argument("--postgres-url", default=None,
                         help="also time the study storage on this PostgreSQL database")
     parser.add_argument("--no-scale", action="store_true", help="skip the n_jobs=2 sweep")
+    parser.add_argument("--sections", default="default,callback,sweeps,storage",
+                        help="comma-separated subset to run (the report shows only those)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, to check that every figure is produced")
     args = parser.parse_args()
@@ -400,16 +412,21 @@ def main() -> None:
 
     results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                "settings": {k: v for k, v in vars(args).items() if k != "out"}}
-    print("default run vs the sample's recipe ...", flush=True)
-    results["default_vs_sample"] = bench_default_vs_sample(args)
-    print("callback overhead ...", flush=True)
-    results["callback"] = bench_callback(args)
-    print("sweeps ...", flush=True)
-    results["sweeps"] = [bench_sweep(args, 1)]
-    if not args.no_scale:
-        results["sweeps"].append(bench_sweep(args, 2))
-    print("study storage ...", flush=True)
-    results["storage"] = bench_storage(args)
+    sections = set(args.sections.split(","))
+    if "default" in sections:
+        print("default run vs the sample's recipe ...", flush=True)
+        results["default_vs_sample"] = bench_default_vs_sample(args)
+    if "callback" in sections:
+        print("callback overhead ...", flush=True)
+        results["callback"] = bench_callback(args)
+    if "sweeps" in sections:
+        print("sweeps ...", flush=True)
+        results["sweeps"] = [bench_sweep(args, 1)]
+        if not args.no_scale:
+            results["sweeps"].append(bench_sweep(args, 2))
+    if "storage" in sections:
+        print("study storage ...", flush=True)
+        results["storage"] = bench_storage(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
     report = markdown(results)

@@ -184,6 +184,11 @@ class _Sweep:
     def start_workers(self) -> list[subprocess.Popen]:
         if os.environ.get(PARENT_ENV) or self.s.n_jobs == 1:
             return []
+        # Share the cores: each process's TensorFlow would otherwise spread over all of them, and
+        # the processes would only take turns. Set before TensorFlow loads here; workers inherit.
+        threads = str(max(1, (os.cpu_count() or 1) // self.s.n_jobs))
+        for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+            os.environ.setdefault(name, threads)
         sweep_dir = Path(self.sweeper.config.hydra.sweep.dir).resolve()
         argv = [a for a in sys.argv[1:] if not a.startswith("hydra.sweeper.n_jobs=")]
         workers = []
