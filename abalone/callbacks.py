@@ -1,10 +1,11 @@
 """Keras callbacks: our MLflow logger and the terminal's one line per epoch.
 
-`MlflowLogger` sends each epoch's metrics in one batched request (the AWS sample sends one
-blocking request per metric) from a background thread, so training never waits on the network;
-epochs that finish while a request is in flight share the next one. Training returns only after
-the last batch is acknowledged, so a run never ends with metrics in flight. (MLflow's own
-asynchronous logging costs most of a second to shut down at the end of every run.)
+`MlflowLogger` sends epochs' metrics in batched requests (the AWS sample sends one blocking
+request per metric) from a background thread, so training never waits on the network: at most one
+request per epoch, and when epochs are shorter than `interval` seconds the epochs of that interval
+share one request, which keeps the client's and the server's work off the training's cores.
+Training returns only after the last batch is acknowledged, so a run never ends with metrics in
+flight. (MLflow's own asynchronous logging costs most of a second to shut down at every run's end.)
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ class MlflowLogger(keras.callbacks.Callback):
     epoch_duration (seconds), at step = epoch number (from 1). At the end: total_training_time.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, interval: float = 1.0):
         super().__init__()
         self.client = client
         self.run_id = run_id
+        self.interval = interval
 
     def on_train_begin(self, logs=None):
         self._train_start = time.perf_counter()
@@ -70,12 +72,13 @@ class MlflowLogger(keras.callbacks.Callback):
             metrics = self._outbox.get()
             if metrics is None:
                 return
-            while True:  # whatever queued up during the last request goes in this one
+            deadline = time.monotonic() + self.interval
+            while True:  # the epochs of the next `interval` seconds join this request
                 try:
-                    more = self._outbox.get_nowait()
+                    more = self._outbox.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if more is None:
+                if more is None:  # training ended: send now
                     finished = True
                     break
                 metrics.extend(more)

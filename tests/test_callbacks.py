@@ -29,7 +29,7 @@ class RecordingClient:
                                          "thread": threading.current_thread().name}))
 
 
-def fit_with_logger(client, epochs: int) -> None:
+def fit_with_logger(client, epochs: int, interval: float = 0.0) -> None:
     import keras
 
     from abalone.callbacks import MlflowLogger
@@ -45,7 +45,7 @@ def fit_with_logger(client, epochs: int) -> None:
     model.compile("adam", loss="mse", metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
                                                keras.metrics.MeanAbsoluteError(name="mae")])
     model.fit(x, y, validation_split=0.25, epochs=epochs, batch_size=16, verbose=0,
-              callbacks=[MlflowLogger(client, "run-1")])
+              callbacks=[MlflowLogger(client, "run-1", interval=interval)])
 
 
 def logged(client) -> dict[tuple[str, int], list[float]]:
@@ -81,6 +81,15 @@ def test_a_slow_server_gets_fewer_larger_batches_and_training_waits_for_them():
     fit_with_logger(client, epochs=8)
     assert len(client.calls) < 8
     assert len(logged(client)) == 8 * len(EPOCH_KEYS) + 1  # none lost, all sent before fit returned
+
+
+def test_short_epochs_share_a_request_per_interval():
+    client = RecordingClient()
+    start = time.monotonic()
+    fit_with_logger(client, epochs=10, interval=60.0)
+    assert time.monotonic() - start < 30  # the end of training does not wait out the interval
+    assert len(client.calls) == 1  # all ten epochs and the total in one request
+    assert len(logged(client)) == 10 * len(EPOCH_KEYS) + 1
 
 
 class FailingClient(RecordingClient):

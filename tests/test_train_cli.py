@@ -160,3 +160,19 @@ def test_run_that_fails_after_starting_ends_failed_and_registers_nothing(tmp_pat
     (run,) = runs_of(client)
     assert run.info.status == "FAILED"
     assert client.search_registered_models() == []
+
+
+def test_console_script_and_help_are_instant(tmp_path):
+    """`abalone-train` is the same entry point; --help lists the groups without heavy imports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "abalone-train"
+    start = time.monotonic()
+    done = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model: baseline, deep, mlp, wide" in done.stdout
+    assert "sweep: quick, search" in done.stdout and "tracking: local, sagemaker, server" in done.stdout
+    assert time.monotonic() - start < 10
