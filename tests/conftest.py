@@ -101,7 +101,7 @@ TINY = ["trainer.epochs=2", "trainer.patience=0"]
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
+def postgres_cluster():
     """A throwaway PostgreSQL cluster from Debian's server binaries, on 127.0.0.1 only."""
     bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not bindirs:
@@ -121,7 +121,23 @@ def postgres_url():
                     str(root / "server.log"), "-w", "-o",
                     f"-h 127.0.0.1 -p {port} -k {root} -F", "start"], check=True,
                    capture_output=True)
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
     subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
                     "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster, request):
+    """A new, empty database in the session's cluster, for one test."""
+    import psycopg2
+
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    connection = psycopg2.connect(postgres_cluster.replace("postgresql+psycopg2", "postgresql")
+                                  + "/postgres")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {name}")
+        cursor.execute(f"CREATE DATABASE {name}")
+    connection.close()
+    return f"{postgres_cluster}/{name}"
