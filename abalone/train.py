@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Before TensorFlow and MLflow load: keep their INFO lines and progress bars off the terminal.
@@ -45,7 +45,6 @@ class RunResult:
     model_version: str | None = None
     objective: float | None = None  # in a sweep: the best epoch's value of the sweep's metric
     s3_location: str | None = None
-    history: dict[str, list[float]] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -190,7 +189,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
         metrics = evaluate.regression_metrics(test_y, predicted, "test")
         metrics.update(evaluate.regression_metrics(
             val_y, keras.ops.convert_to_numpy(model(val_x, training=False)), "best_val"))
-        result = RunResult(run_id, metrics, len(history["loss"]), fit_seconds, history=history)
+        result = RunResult(run_id, metrics, len(history["loss"]), fit_seconds)
         if trial:
             from abalone.study import best_of
 
