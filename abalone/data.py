@@ -168,6 +168,7 @@ def fit_arguments(train: tuple[dict, np.ndarray], val: tuple[dict, np.ndarray],
     rows = tf.data.Dataset.from_tensor_slices(train).cache()
     rows = rows.shuffle(len(train[1]), seed=seed, reshuffle_each_iteration=True)
     return {"x": rows.batch(batch_size).prefetch(tf.data.AUTOTUNE),
+            "shuffle": False,  # the pipeline shuffles; Keras warns if told to as well
             "validation_data": tf.data.Dataset.from_tensor_slices(val).batch(val_rows).cache()}
 
 

@@ -45,7 +45,6 @@ class TrialContext:
     parent_run_id: str | None
     study_name: str
     metric: str
-    direction: str
 
 
 ACTIVE_TRIAL: ContextVar[TrialContext | None] = ContextVar("abalone_active_trial", default=None)
@@ -219,11 +218,11 @@ def fail_stale_trials(study: optuna.Study, stale_after: float,
     return failed
 
 
-def best_of(history: dict[str, list[float]], metric: str, direction: str) -> float:
+def kept_value(history: dict[str, list[float]], metric: str, kept_epoch: int) -> float:
+    """The sweep's metric at the epoch whose weights the run keeps and logs: ranking trials by
+    their best epoch instead would favour noisy curves whose best weights were not kept."""
     if metric not in history:
         raise ConfigError(f"hydra.sweeper.metric={metric} is not logged per epoch; use one of "
                           f"{sorted(k for k in history if k.startswith('val_'))}")
-    values = [v for v in history[metric] if math.isfinite(v)]
-    if not values:
-        return math.nan
-    return min(values) if direction == "minimize" else max(values)
+    value = history[metric][kept_epoch]
+    return value if math.isfinite(value) else math.nan

@@ -43,7 +43,7 @@ class RunResult:
     epochs_run: int
     fit_seconds: float
     model_version: str | None = None
-    objective: float | None = None  # in a sweep: the best epoch's value of the sweep's metric
+    objective: float | None = None  # in a sweep: the sweep's metric for the weights kept
     s3_location: str | None = None
 
 
@@ -141,9 +141,11 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
     model = build_model(cfg, splits, keras)
 
     callbacks: list = [keras.callbacks.TerminateOnNaN()]
+    early_stopping = None
     if t.patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience,
-                                                       restore_best_weights=True))
+        early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience,
+                                                       restore_best_weights=True)
+        callbacks.append(early_stopping)
     if t.verbose:
         callbacks.append(EpochPrinter(t.epochs))
 
@@ -191,9 +193,11 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
             val_y, keras.ops.convert_to_numpy(model(val_x, training=False)), "best_val"))
         result = RunResult(run_id, metrics, len(history["loss"]), fit_seconds)
         if trial:
-            from abalone.study import best_of
+            from abalone.study import kept_value
 
-            result.objective = best_of(history, trial.metric, trial.direction)
+            restored = early_stopping is not None and early_stopping.best_weights is not None
+            result.objective = kept_value(history, trial.metric,
+                                          early_stopping.best_epoch if restored else -1)
 
         save_outputs(cfg, model, history, splits.test, predicted, output_dir, result, trial)
     except BaseException as err:

@@ -49,6 +49,10 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> N
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
+# MLflow 3's job consumers (GenAI jobs; tracking does not use them) poll at ~40% of a core idle.
+QUIET_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def start_mlflow_server(root: Path, *extra: str, env: dict | None = None):
     """An `mlflow server` subprocess on 127.0.0.1 with its store under `root`; returns (url, proc)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -57,7 +61,8 @@ def start_mlflow_server(root: Path, *extra: str, env: dict | None = None):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/server.db", *extra],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+        cwd=root, stdout=log, stderr=subprocess.STDOUT,
+        env={**(env or os.environ), **QUIET_SERVER})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", proc)

@@ -37,6 +37,7 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
     assert d["ours"]["first_epoch_seconds"] > 0 and d["fit_speedup"] > 0
     assert d["ours_jax"]["fit_seconds"] > 0  # jax is in the dev extra
     assert c["tracked_fit_seconds"] > 0 and c["untracked_fit_seconds"] > 0
+    assert c["pairs"] == 1 and len(c["pair_seconds"]) == 1 and len(c["overhead_quartiles"]) == 2
     # Per epoch: loss, mae, val_loss, val_mae, epoch_duration, avg_epoch_duration, learning_rate.
     assert c["sample_style_requests"] == 2 * 7
     assert [s["n_jobs"] for s in results["sweeps"]] == [1, 2]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
+import pytest
 
 EPOCH_KEYS = {"loss", "val_loss", "mae", "val_mae", "rmse", "val_rmse", "learning_rate",
               "epoch_duration"}
 
-
-import threading
 
 
 class RecordingClient:
@@ -29,7 +29,7 @@ class RecordingClient:
                                          "thread": threading.current_thread().name}))
 
 
-def fit_with_logger(client, epochs: int, interval: float = 0.0) -> None:
+def fit_with_logger(client, epochs: int, interval: float = 0.0, optimizer="adam") -> None:
     import keras
 
     from abalone.callbacks import MlflowLogger
@@ -42,7 +42,7 @@ def fit_with_logger(client, epochs: int, interval: float = 0.0) -> None:
     y = rng.random((64, 1), dtype="float32")
     model = build_regressor(8, 1, 1.0, "relu", 0.0, False, feature_mean=np.zeros(7),
                             feature_variance=np.ones(7))
-    model.compile("adam", loss="mse", metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
+    model.compile(optimizer, loss="mse", metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
                                                keras.metrics.MeanAbsoluteError(name="mae")])
     model.fit(x, y, validation_split=0.25, epochs=epochs, batch_size=16, verbose=0,
               callbacks=[MlflowLogger(client, "run-1", interval=interval)])
@@ -98,7 +98,32 @@ class FailingClient(RecordingClient):
 
 
 def test_a_refused_batch_fails_the_training():
-    import pytest
-
     with pytest.raises(ConnectionError, match="server went away"):
         fit_with_logger(FailingClient(), epochs=2)
+
+
+def test_a_scheduled_learning_rate_is_logged_as_the_optimizer_sees_it():
+    import keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=3, decay_rate=0.5)
+    client = RecordingClient()
+    fit_with_logger(client, epochs=4, optimizer=keras.optimizers.Adam(schedule))
+    values = logged(client)
+    # 48 training rows in batches of 16: 3 steps per epoch, so the rate halves every epoch
+    # (the value the optimizer uses next, as Keras's own `optimizer.learning_rate` gives it).
+    assert [values[("learning_rate", step)][0] for step in (1, 2, 3, 4)] == pytest.approx(
+        [0.05, 0.025, 0.0125, 0.00625])
+
+
+def test_a_schedule_for_scalar_steps_only_is_evaluated_step_by_step():
+    import keras
+
+    # With a warm-up, Keras's CosineDecay branches with ops.cond, which takes scalars only.
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=9, warmup_target=0.1,
+                                                      warmup_steps=3)
+    client = RecordingClient()
+    fit_with_logger(client, epochs=4, optimizer=keras.optimizers.Adam(schedule))
+    values = logged(client)
+    expected = [float(keras.ops.convert_to_numpy(schedule(3 * epoch))) for epoch in (1, 2, 3, 4)]
+    assert [values[("learning_rate", step)][0] for step in (1, 2, 3, 4)] == pytest.approx(expected)
+    assert len(set(expected)) == 4

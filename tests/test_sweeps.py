@@ -89,6 +89,9 @@ def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
         history = client.get_metric_history(run.info.run_id, "val_rmse")
         assert len(history) == (3 if trial.state == TrialState.COMPLETE else len(
             trial.intermediate_values))
+        if trial.state == TrialState.COMPLETE:  # the kept weights' value: the last epoch's
+            assert trial.value == pytest.approx(max(history, key=lambda m: m.step).value)
+            assert trial.value == pytest.approx(run.data.metrics["best_val_rmse"], rel=1e-4)
         assert run.data.params["optimizer.lr"] == str(trial.params["optimizer.lr"])
     for number in by_number:
         assert f"trial {number:3d}" in out
@@ -100,6 +103,26 @@ def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
     assert "test_rmse" in version.tags
     assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
     assert "as champion: there was no champion" in out
+
+
+def test_objective_is_the_metric_of_the_weights_early_stopping_keeps(tmp_path, data_file):
+    # Early stopping restores the epoch of the lowest val_loss; a sweep on val_mae must rank
+    # trials by val_mae at that epoch, which need not be the lowest val_mae of the run.
+    done = run_cli(["-m", "trainer.epochs=8", "trainer.patience=3", "trainer.verbose=0",
+                    "optimizer.lr=0.05,0.02", "hydra.sweeper.metric=val_mae",
+                    f"hydra.sweeper.storage={tmp_path / 'study.journal'}"],
+                   cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(str(tmp_path / "study.journal"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        run_id = trial.user_attrs["mlflow_run_id"]
+        by_step = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
+                   for key in ("val_loss", "val_mae")}
+        kept_step = min(by_step["val_loss"], key=by_step["val_loss"].get)
+        assert trial.value == pytest.approx(by_step["val_mae"][kept_step])
+        assert trial.value == pytest.approx(
+            client.get_run(run_id).data.metrics["best_val_mae"], rel=1e-4)
 
 
 def grid_args(tmp_path: Path, *extra: str) -> list[str]:

@@ -238,8 +238,7 @@ class _Sweep:
 
         study.mark_owner(trial)
         overrides = [*self.fixed, *study.trial_overrides(trial.params)]
-        context = study.TrialContext(trial, self.parent_run_id, self.study_name, self.s.metric,
-                                     self.direction)
+        context = study.TrialContext(trial, self.parent_run_id, self.study_name, self.s.metric)
         token = study.ACTIVE_TRIAL.set(context)
         beating = threading.Event()
         heartbeat = threading.Thread(target=self.beat, args=(trial, beating), daemon=True)
