@@ -138,19 +138,14 @@ def _parse_row(path: Path, line_no: int, fields: list[str]) -> list:
 
 
 def split(frame: pd.DataFrame, data_cfg) -> Splits:
-    rest, test = train_test_split(frame, data_cfg.test_fraction, data_cfg.holdout_seed)
-    train, val = train_test_split(rest, data_cfg.val_fraction, data_cfg.split_seed)
+    # Keras imports scikit-learn anyway (its sklearn wrappers), so this import costs nothing extra.
+    from sklearn.model_selection import train_test_split
+
+    rest, test = train_test_split(frame, test_size=data_cfg.test_fraction,
+                                  random_state=data_cfg.holdout_seed)
+    train, val = train_test_split(rest, test_size=data_cfg.val_fraction,
+                                  random_state=data_cfg.split_seed)
     return Splits(train=train, val=val, test=test)
-
-
-def train_test_split(frame: pd.DataFrame, test_fraction: float, seed: int
-                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """scikit-learn's `train_test_split(frame, test_size=test_fraction, random_state=seed)`,
-    row for row, in NumPy alone: importing scikit-learn costs most of a second before the first
-    epoch. tests/test_data.py checks that both give the same rows."""
-    n_test = math.ceil(test_fraction * len(frame))
-    order = np.random.RandomState(seed).permutation(len(frame))
-    return frame.iloc[order[n_test:]], frame.iloc[order[:n_test]]
 
 
 def fit_arguments(train: tuple[dict, np.ndarray], val: tuple[dict, np.ndarray],

@@ -142,21 +142,24 @@ def base_env(data_path: str, **extra: str) -> dict:
 
 
 def our_run(data_path: str, overrides: list[str], env_extra: dict | None = None,
-            tracking_uri: str | None = None) -> dict:
+            tracking_uri: str | None = None, again: bool = False) -> dict:
     """`python -m abalone.train OVERRIDES` in a fresh folder; figures read back from its MLflow
-    run (the newest in `tracking_uri`, by default the run's own SQLite store)."""
+    run (the newest in `tracking_uri`, by default the run's own SQLite store). With `again`, the
+    same command once more in that folder, for its start-up with the SQLite store in place."""
     import mlflow
 
+    command = [sys.executable, "-m", "abalone.train", *overrides]
+    env = base_env(data_path, **(env_extra or {}))
     with tempfile.TemporaryDirectory(prefix="abalone-bench-") as tmp:
-        measured = run_measured([sys.executable, "-m", "abalone.train", *overrides], Path(tmp),
-                                base_env(data_path, **(env_extra or {})))
+        measured = run_measured(command, Path(tmp), env)
         client = mlflow.MlflowClient(tracking_uri=tracking_uri or f"sqlite:///{tmp}/mlflow.db")
         experiment = client.get_experiment_by_name("abalone-tensorflow-experiment")
         (run,) = client.search_runs([experiment.experiment_id], max_results=1,
                                     order_by=["attributes.start_time DESC"])
         epochs = len(client.get_metric_history(run.info.run_id, "loss"))
         metrics = run.data.metrics
-    return {"fit_seconds": metrics["total_training_time"], "epochs": epochs,
+        rerun = run_measured(command, Path(tmp), env) if again else {}
+    return {"first_epoch_seconds_existing_store": rerun.get("first_epoch_seconds"),"fit_seconds": metrics["total_training_time"], "epochs": epochs,
             "seconds_per_epoch": metrics["total_training_time"] / epochs,
             "test_rmse": metrics["test_rmse"], "test_mae": metrics["test_mae"],
             "test_r2": metrics["test_r2"], "peak_rss_mib": measured["peak_rss_mib"],
@@ -228,12 +231,12 @@ def bench_default_vs_sample(args) -> dict:
     ours, sample = [], []
     for _ in range(args.repeats):  # interleaved, so both see the same machine
         sample.append(sample_run(args.data, sample_epochs))
-        ours.append(our_run(args.data, epochs_override))
+        ours.append(our_run(args.data, epochs_override, again=True))
     keys = ("fit_seconds", "seconds_per_epoch", "epochs", "test_rmse", "test_mae", "test_r2",
             "peak_rss_mib")
     result = {"sample": {k: median_of(sample, k) for k in keys},
-              "ours": {k: median_of(ours, k) for k in keys + ("first_epoch_seconds",
-                                                              "wall_seconds")},
+              "ours": {k: median_of(ours, k) for k in keys + (
+                  "first_epoch_seconds", "first_epoch_seconds_existing_store", "wall_seconds")},
               "fit_speedup": statistics.median(s["fit_seconds"] / o["fit_seconds"]
                                                for s, o in zip(sample, ours)),
               "repeats": args.repeats}
@@ -378,8 +381,44 @@ def bench_storage(args) -> dict:
     return {"seconds_per_trial": result, "reports_per_trial": 20}
 
 
+def targets(results: dict) -> list[dict]:
+    """Issue #5's targets (2 CPU cores, TensorFlow), each with the figure that decides it."""
+    rows = []
+
+    def add(target: str, figure: str, met: bool | str) -> None:
+        rows.append({"target": target, "figure": figure,
+                     "met": met if isinstance(met, str) else ("yes" if met else "NO")})
+
+    if "default_vs_sample" in results:
+        d = results["default_vs_sample"]
+        add("default run fits >= 5x faster than the sample's recipe",
+            f"{d['fit_speedup']:.1f}x", d["fit_speedup"] >= 5)
+        add("... with a test RMSE no worse", f"{d['ours']['test_rmse']:.3f} vs "
+            f"{d['sample']['test_rmse']:.3f}", d["test_rmse_not_worse"])
+        for key, when in (("first_epoch_seconds_existing_store", "a later run in the folder"),
+                          ("first_epoch_seconds", "the first run, creating the MLflow store")):
+            add(f"first epoch within 8 s of the command ({when})", f"{d['ours'][key]:.1f} s",
+                d["ours"][key] <= 8)
+    if "callback" in results:
+        c = results["callback"]
+        add("our callback adds <= 5% to fit time", f"{c['overhead_fraction'] * 100:+.1f}%",
+            c["overhead_fraction"] <= 0.05)
+    for sweep in results.get("sweeps", []):
+        too_few = None if sweep["n_trials"] >= 50 else f"n/a ({sweep['n_trials']} trials, not 50)"
+        jobs = f"n_jobs={sweep['n_jobs']}"
+        add(f"50-trial sweep=search within 5 min ({jobs})",
+            f"{sweep['wall_seconds']:.0f} s", too_few or sweep["wall_seconds"] <= 300)
+        add(f"... its champion's test RMSE <= 2.07 ({jobs})",
+            f"{sweep['champion_test_rmse']:.3f}", too_few or sweep["champion_test_rmse"] <= 2.07)
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = ["# Benchmark", ""]
+    if results.get("targets"):
+        lines += ["| target | measured | met |", "| --- | --- | --- |"]
+        lines += [f"| {t['target']} | {t['figure']} | {t['met']} |" for t in results["targets"]]
+        lines.append("")
     if "default_vs_sample" in results:
         d = results["default_vs_sample"]
         s, o = d["sample"], d["ours"]
@@ -391,7 +430,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {key} | {fmt.format(s[key])} | {fmt.format(o[key])} |")
         lines += ["", f"- fit speed-up (median of pairwise ratios): **{d['fit_speedup']:.1f}x**; "
                   f"test RMSE no worse: {d['test_rmse_not_worse']}",
-                  f"- command start to first epoch line: {o['first_epoch_seconds']:.1f} s "
+                  f"- command start to first epoch line: "
+                  f"{o['first_epoch_seconds_existing_store']:.1f} s with the folder's MLflow "
+                  f"store in place, {o['first_epoch_seconds']:.1f} s creating it "
                   f"(whole default run: {o['wall_seconds']:.1f} s)"]
         if "ours_jax" in d:
             j = d["ours_jax"]
@@ -483,6 +524,7 @@ def main() -> None:
     if "storage" in sections:
         print("study storage ...", flush=True)
         results["storage"] = bench_storage(args)
+    results["targets"] = targets(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
     report = markdown(results)

@@ -35,6 +35,7 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
                     "test_r2", "peak_rss_mib"):
             assert isinstance(d[side][key], (int, float)) and d[side][key] > -100, (side, key)
     assert d["ours"]["first_epoch_seconds"] > 0 and d["fit_speedup"] > 0
+    assert d["ours"]["first_epoch_seconds_existing_store"] > 0
     assert d["ours_jax"]["fit_seconds"] > 0  # jax is in the dev extra
     assert c["tracked_fit_seconds"] > 0 and c["untracked_fit_seconds"] > 0
     assert c["pairs"] == 1 and len(c["pair_seconds"]) == 1 and len(c["overhead_quartiles"]) == 2
@@ -46,5 +47,10 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
         assert 0 <= sweep["pruned_fraction"] <= 1 and sweep["champion_test_rmse"] > 0
     assert set(results["storage"]["seconds_per_trial"]) == {"journal_file", "postgresql"}
     assert all(value is not None for _, value in numbers(results) if _ != ".settings.postgres_url")
+    met = {t["target"]: t["met"] for t in results["targets"]}
+    assert len(met) == 5 + 2 * 2  # default run (4), callback, and 2 per sweep
+    assert met["50-trial sweep=search within 5 min (n_jobs=1)"].startswith("n/a (2 trials")
+    assert {met["our callback adds <= 5% to fit time"]} <= {"yes", "NO"}
     report = (tmp_path / "out" / "benchmark.md").read_text()
     assert "fit speed-up" in report and "| 2 |" in report and "postgresql" in report
+    assert "| our callback adds <= 5% to fit time |" in report

@@ -77,18 +77,6 @@ def test_real_file_loads_with_sample_holdout(data_file):
     assert not set(splits.test.index) & (set(splits.train.index) | set(splits.val.index))
 
 
-@pytest.mark.parametrize("rows", [10, 3342, 4177])
-@pytest.mark.parametrize("fraction", [0.2, 0.15, 0.33])
-@pytest.mark.parametrize("seed", [0, 7, 42])
-def test_our_split_is_scikit_learns(rows, fraction, seed):
-    import pandas as pd
-
-    frame = pd.DataFrame({"x": range(rows)}, index=range(100, 100 + rows))
-    ours = data.train_test_split(frame, fraction, seed)
-    theirs = train_test_split(frame, test_size=fraction, random_state=seed)
-    assert [f.index.tolist() for f in ours] == [f.index.tolist() for f in theirs]
-
-
 def test_split_seed_moves_validation_rows_but_not_the_holdout(data_file):
     frame = data.load(data_file)
     a = data.split(frame, OmegaConf.structured(DataConfig(split_seed=0)))
