@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -28,6 +29,15 @@ log = logging.getLogger("abalone")
 
 def current_learning_rate(optimizer) -> float:
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+class _Logged(NamedTuple):
+    """One epoch's (or the end's) values, queued for the sender thread."""
+
+    values: dict[str, float]
+    step: int
+    timestamp: int  # milliseconds, taken when the epoch ended
+    iterations: int | None = None  # optimizer steps so far, when learning_rate is still to add
 
 
 class MlflowLogger(keras.callbacks.Callback):
@@ -76,16 +86,16 @@ class MlflowLogger(keras.callbacks.Callback):
             raise self._error  # the server refused or never got a batch
 
     def _queue(self, values: dict[str, float], step: int, iterations: int | None = None):
-        self._outbox.put((values, step, int(time.time() * 1000), iterations))
+        self._outbox.put(_Logged(values, step, int(time.time() * 1000), iterations))
 
-    def _metrics(self, entries: list[tuple]) -> list[Metric]:
-        scheduled = [entry for entry in entries if entry[3] is not None]
+    def _metrics(self, entries: list[_Logged]) -> list[Metric]:
+        scheduled = [entry for entry in entries if entry.iterations is not None]
         if scheduled:
-            rates = self._learning_rates([iterations for *_, iterations in scheduled])
-            for (values, *_), rate in zip(scheduled, rates):
-                values["learning_rate"] = rate
-        return [Metric(key, value, timestamp, step)
-                for values, step, timestamp, _ in entries for key, value in values.items()]
+            rates = self._learning_rates([entry.iterations for entry in scheduled])
+            for entry, rate in zip(scheduled, rates):
+                entry.values["learning_rate"] = rate
+        return [Metric(key, value, entry.timestamp, entry.step)
+                for entry in entries for key, value in entry.values.items()]
 
     def _learning_rates(self, iterations: list[int]) -> list[float]:
         """The schedule at each step: one vectorised call (eager ops cost ~1 ms a call), or one

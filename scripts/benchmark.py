@@ -159,22 +159,30 @@ def our_run(data_path: str, overrides: list[str], env_extra: dict | None = None,
         epochs = len(client.get_metric_history(run.info.run_id, "loss"))
         metrics = run.data.metrics
         rerun = run_measured(command, Path(tmp), env) if again else {}
-    return {"first_epoch_seconds_existing_store": rerun.get("first_epoch_seconds"),"fit_seconds": metrics["total_training_time"], "epochs": epochs,
+    return {"fit_seconds": metrics["total_training_time"], "epochs": epochs,
             "seconds_per_epoch": metrics["total_training_time"] / epochs,
             "test_rmse": metrics["test_rmse"], "test_mae": metrics["test_mae"],
             "test_r2": metrics["test_r2"], "peak_rss_mib": measured["peak_rss_mib"],
             "first_epoch_seconds": measured["first_epoch_seconds"],
+            "first_epoch_seconds_existing_store": rerun.get("first_epoch_seconds"),
             "wall_seconds": measured["wall_seconds"]}
+
+
+def in_fresh_interpreter(function: str, arguments: tuple, cwd: Path, env: dict):
+    """`function(*arguments)` of this file, called in a new Python process: its JSON-able result,
+    and the process's measurements from `run_measured`."""
+    code = ("import json, sys; sys.path.insert(0, %r); import benchmark; "
+            "print('RESULT', json.dumps(benchmark.%s(*%r)))"
+            % (str(Path(__file__).parent), function, arguments))
+    measured = run_measured([sys.executable, "-c", code], cwd, env)
+    return json.loads(measured["output"].split("RESULT ", 1)[1].splitlines()[0]), measured
 
 
 def sample_run(data_path: str, epochs: int, tracking_uri: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="abalone-sample-") as tmp:
-        code = ("import json, sys; sys.path.insert(0, %r); from benchmark import sample_recipe; "
-                "print('RESULT', json.dumps(sample_recipe(%r, %d, %r, %r)))"
-                % (str(Path(__file__).parent), data_path, epochs, tmp, tracking_uri))
-        measured = run_measured([sys.executable, "-c", code], Path(tmp),
-                                base_env(data_path, TF_CPP_MIN_LOG_LEVEL="2"))
-    result = json.loads(measured["output"].split("RESULT ", 1)[1].splitlines()[0])
+        result, measured = in_fresh_interpreter(
+            "sample_recipe", (data_path, epochs, tmp, tracking_uri), Path(tmp),
+            base_env(data_path, TF_CPP_MIN_LOG_LEVEL="2"))
     result["seconds_per_epoch"] = result["fit_seconds"] / result["epochs"]
     result["peak_rss_mib"] = measured["peak_rss_mib"]
     return result
@@ -253,12 +261,9 @@ def bench_callback(args) -> dict:
     against a real server, alternating in one fresh interpreter (see `callback_pairs`); and the
     sample's one-request-per-metric logging against the same server, for contrast."""
     with MlflowServer() as url:
-        code = ("import json, sys; sys.path.insert(0, %r); from benchmark import callback_pairs; "
-                "print('RESULT', json.dumps(callback_pairs(%r, %r, %d, %d)))"
-                % (str(Path(__file__).parent), args.data, url, args.callback_epochs,
-                   args.callback_pairs))
-        measured = run_measured([sys.executable, "-c", code], REPO, base_env(args.data))
-        pairs = json.loads(measured["output"].split("RESULT ", 1)[1].splitlines()[0])
+        pairs, _ = in_fresh_interpreter(
+            "callback_pairs", (args.data, url, args.callback_epochs, args.callback_pairs), REPO,
+            base_env(args.data))
         sample_off = sample_run(args.data, args.callback_epochs)
         sample_on = sample_run(args.data, args.callback_epochs, tracking_uri=url)
     ratios = [on / off - 1 for off, on in pairs]
@@ -328,13 +333,14 @@ def bench_sweep(args, n_jobs: int) -> dict:
     import mlflow
     import optuna
 
+    from abalone.study import make_storage
+
     overrides = ["-m", "sweep=search", f"hydra.sweeper.n_trials={args.sweep_trials}",
                  f"hydra.sweeper.n_jobs={n_jobs}", *args.sweep_overrides]
     with tempfile.TemporaryDirectory(prefix="abalone-bench-sweep-") as tmp:
         measured = run_measured([sys.executable, "-m", "abalone.train", *overrides], Path(tmp),
                                 base_env(args.data))
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-            f"{tmp}/optuna-studies.journal"))
+        storage = make_storage(f"{tmp}/optuna-studies.journal")
         (summary,) = optuna.get_all_study_summaries(storage)
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         states = [t.state.name for t in study.trials]
