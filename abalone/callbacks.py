@@ -131,6 +131,20 @@ class MlflowLogger(keras.callbacks.Callback):
                     self._error = err
 
 
+class RaiseOnInterrupt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the next epoch end once `interrupted` is set. Python drops a
+    Ctrl-C whose KeyboardInterrupt lands inside a finalizer (`__del__`), and TensorFlow's objects
+    have many; the sweeper's SIGINT handler also sets this event, so such a Ctrl-C still stops."""
+
+    def __init__(self, interrupted: threading.Event):
+        super().__init__()
+        self.interrupted = interrupted
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.interrupted.is_set():
+            raise KeyboardInterrupt
+
+
 class EpochPrinter(keras.callbacks.Callback):
     """One readable line per epoch instead of Keras's progress bars."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import time
 import warnings
 from contextvars import ContextVar
@@ -45,6 +46,7 @@ class TrialContext:
     parent_run_id: str | None
     study_name: str
     metric: str
+    interrupted: threading.Event  # set by the sweeper's Ctrl-C handler
 
 
 ACTIVE_TRIAL: ContextVar[TrialContext | None] = ContextVar("abalone_active_trial", default=None)

@@ -131,7 +131,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
         check_s3_output(cfg.output.s3_uri)
 
     keras = import_keras()
-    from abalone.callbacks import EpochPrinter, MlflowLogger
+    from abalone.callbacks import EpochPrinter, MlflowLogger, RaiseOnInterrupt
     from abalone.serving import model_inputs
 
     t = cfg.trainer
@@ -171,10 +171,11 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
             else:
                 log.info("MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment,
                          tracking.redact(mlflow.get_tracking_uri()))
-        if trial:  # last, so the epoch is logged before a prune stops training
+        if trial:  # last, so the epoch is logged before a prune or Ctrl-C stops training
             from optuna_integration import KerasPruningCallback
 
-            callbacks.append(KerasPruningCallback(trial.trial, trial.metric))
+            callbacks += [KerasPruningCallback(trial.trial, trial.metric),
+                          RaiseOnInterrupt(trial.interrupted)]
         fit_start = time.perf_counter()
         history = model.fit(**data.fit_arguments((train_x, train_y), (val_x, val_y),
                                                  t.batch_size, t.seed, keras.backend.backend()),

@@ -127,3 +127,23 @@ def test_a_schedule_for_scalar_steps_only_is_evaluated_step_by_step():
     expected = [float(keras.ops.convert_to_numpy(schedule(3 * epoch))) for epoch in (1, 2, 3, 4)]
     assert [values[("learning_rate", step)][0] for step in (1, 2, 3, 4)] == pytest.approx(expected)
     assert len(set(expected)) == 4
+
+
+def test_a_remembered_interrupt_stops_training_at_the_epoch_end():
+    import keras
+
+    from abalone.callbacks import RaiseOnInterrupt
+
+    interrupted, epochs_seen = threading.Event(), []
+
+    class SetAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            epochs_seen.append(epoch)
+            interrupted.set()
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", loss="mse")
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(np.zeros((8, 2)), np.zeros((8, 1)), epochs=5, verbose=0,
+                  callbacks=[SetAfterFirstEpoch(), RaiseOnInterrupt(interrupted)])
+    assert epochs_seen == [0]

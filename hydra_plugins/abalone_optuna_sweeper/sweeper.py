@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -157,6 +158,15 @@ class _Sweep:
         log.info("study %r (%s): %d trials in total, %d finished before; parent MLflow run %s",
                  self.study_name, self.storage_label, self.n_trials, self.finished_count(),
                  self.parent_run_id)
+        # Python loses a Ctrl-C that lands inside a finalizer; remember every one, so the
+        # running trial (RaiseOnInterrupt) and the loop of trials still stop.
+        self.interrupted = threading.Event()
+
+        def on_interrupt(signum, frame):
+            self.interrupted.set()
+            signal.default_int_handler(signum, frame)
+
+        previous_handler = signal.signal(signal.SIGINT, on_interrupt)
         workers = self.start_workers()
         status = "FAILED"
         try:
@@ -166,6 +176,7 @@ class _Sweep:
             status = "KILLED"
             raise
         finally:
+            signal.signal(signal.SIGINT, previous_handler)
             for worker in workers:
                 if status != "FINISHED":
                     worker.terminate()
@@ -214,6 +225,8 @@ class _Sweep:
 
         failures = 0
         while study.work_left(self.study, self.n_trials):
+            if self.interrupted.is_set():  # a Ctrl-C lost after the last trial's training
+                raise KeyboardInterrupt
             study.fail_stale_trials(self.study, self.s.stale_after, self.end_stale_run)
             if not study.work_left(self.study, self.n_trials):
                 break
@@ -238,7 +251,8 @@ class _Sweep:
 
         study.mark_owner(trial)
         overrides = [*self.fixed, *study.trial_overrides(trial.params)]
-        context = study.TrialContext(trial, self.parent_run_id, self.study_name, self.s.metric)
+        context = study.TrialContext(trial, self.parent_run_id, self.study_name, self.s.metric,
+                                     self.interrupted)
         token = study.ACTIVE_TRIAL.set(context)
         beating = threading.Event()
         heartbeat = threading.Thread(target=self.beat, args=(trial, beating), daemon=True)
