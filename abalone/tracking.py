@@ -164,14 +164,16 @@ def register(model_uri: str, name: str, run_id: str, metrics: dict[str, float],
     return mlflow.register_model(model_uri, name, tags=version_tags)
 
 
-def end_failed_run(error: BaseException, is_trial: bool) -> None:
-    """End the active run after `error`: KILLED for Ctrl-C or a pruned trial, else FAILED."""
+def end_failed_run(error: BaseException, is_trial: bool, interrupted: bool = False) -> None:
+    """End the active run after `error`: KILLED for Ctrl-C (`interrupted`, when the error is
+    what the interrupt became) or a pruned trial, else FAILED."""
     import optuna
 
-    pruned = isinstance(error, optuna.TrialPruned)
+    pruned = isinstance(error, optuna.TrialPruned) and not interrupted
+    killed = pruned or interrupted or isinstance(error, KeyboardInterrupt)
     if is_trial:
         mlflow.set_tag("optuna.state", "PRUNED" if pruned else "FAIL")
-    mlflow.end_run("KILLED" if pruned or isinstance(error, KeyboardInterrupt) else "FAILED")
+    mlflow.end_run("KILLED" if killed else "FAILED")
 
 
 def where_to_look() -> str:

@@ -202,8 +202,12 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
 
         save_outputs(cfg, model, history, splits.test, predicted, output_dir, result, trial)
     except BaseException as err:
+        # During a sweep's Ctrl-C, TensorFlow may raise its own error instead of the interrupt.
+        interrupted = trial is not None and trial.interrupted.is_set()
         if tracked:
-            tracking.end_failed_run(err, is_trial=trial is not None)
+            tracking.end_failed_run(err, is_trial=trial is not None, interrupted=interrupted)
+        if interrupted and not isinstance(err, KeyboardInterrupt):
+            raise KeyboardInterrupt from err
         raise
     if tracked:
         mlflow.end_run("FINISHED")

@@ -266,6 +266,9 @@ class _Sweep:
         finally:
             beating.set()
             study.ACTIVE_TRIAL.reset(token)
+        if self.interrupted.is_set() and job.status is not JobStatus.COMPLETED:
+            study.fail_and_retry(self.study, trial)  # as above: the error a Ctrl-C became
+            raise KeyboardInterrupt
         value, error = None, None
         if job.status is JobStatus.COMPLETED:
             value = job.return_value
