@@ -2,5 +2,6 @@
 
 Modules: config (schemas), data (loading, validation, splits), model (Keras builders), callbacks
 (MLflow logger, terminal lines), tracking (MLflow connection, params, tags), evaluate (metrics,
-plots), serving (the registered pyfunc model), train (the `python -m abalone.train` entry point).
+plots), serving (the registered pyfunc model), train (the `python -m abalone.train` entry point),
+container (how the Docker image starts, on EC2 and as a SageMaker training job).
 """

@@ -122,24 +122,40 @@ def run_tags(data_path: Path, data_sha256: str) -> dict[str, str]:
         "keras.version": keras.__version__,
         "mlflow.version": mlflow.__version__,
     }
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        tags[f"{backend}.version"] = importlib.metadata.version(backend)
+    framework = backend_distribution(backend)
+    if framework:
+        tags[f"{backend}.distribution"], tags[f"{backend}.version"] = framework
     commit = _git_commit()
     if commit:
         tags["git.commit"] = commit
     return tags
 
 
+# Distributions that install the `tensorflow` module: PyPI's, and the names Deep Learning
+# Containers install it under (`tensorflow-cpu`, also from a wheel's URL).
+BACKEND_DISTRIBUTIONS = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-gpu",
+                                        "tensorflow-intel")}
+
+
+def backend_distribution(backend: str) -> tuple[str, str] | None:
+    """(name, version) of the installed distribution of the Keras backend's framework."""
+    for name in BACKEND_DISTRIBUTIONS.get(backend, (backend,)):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return name, importlib.metadata.version(name)
+    return None
+
+
 def model_requirements() -> list[str]:
     """Pinned pip requirements of the logged model (MLflow's inference would load the model)."""
     import keras
 
-    backend = keras.backend.backend()
-    names = ["mlflow", "keras", "pandas", "numpy", {"tensorflow": "tensorflow"}.get(backend, backend)]
     pins = []
-    for name in names:
+    for name in ("mlflow", "keras", "pandas", "numpy"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             pins.append(f"{name}=={importlib.metadata.version(name)}")
+    framework = backend_distribution(keras.backend.backend())
+    if framework:
+        pins.append("{}=={}".format(*framework))
     return pins
 
 

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# The tests: set up .venv with the dev extra and Debian's PostgreSQL server if needed, then
+# The tests: set up .venv with the dev extra, and the Debian packages the tests need (PostgreSQL's
+# server, Podman with what it needs here to build and run the container image) when missing, then
 # pytest (arguments go to pytest). The tests read the UCI file from $ABALONE_DATA and start their
-# own MLflow servers and PostgreSQL cluster on 127.0.0.1.
+# own MLflow servers, PostgreSQL cluster and containers on 127.0.0.1.
 # shellcheck source=scripts/venv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
-if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+needed=()
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || needed+=(postgresql)
+for tool in podman mmdebstrap runc newuidmap; do
+    command -v "$tool" >/dev/null || needed+=("$tool")
+done
+if [ ${#needed[@]} -gt 0 ]; then
+    packages=("${needed[@]/newuidmap/uidmap}")
     if [ "$(id -u)" = 0 ]; then
-        echo "installing Debian's postgresql for the sweep tests ..." >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+        echo "installing Debian's ${packages[*]} for the tests ..." >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            "${packages[@]}" >/dev/null
     else
-        echo "the tests need PostgreSQL's server binaries: sudo apt-get install postgresql" >&2
+        echo "the tests need: sudo apt-get install ${packages[*]}" >&2
         exit 1
     fi
 fi
