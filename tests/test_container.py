@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -315,3 +316,36 @@ def test_hyperparameters_become_hydra_overrides(tmp_path):
     path.write_text('["model=wide"]')
     with pytest.raises(StartError, match="expected a JSON object"):
         hyperparameter_overrides(path)
+
+
+def test_stopping_a_sagemaker_sweep_keeps_finished_trials_and_queues_the_running_one(
+        tmp_path, data_file, podman_env, project_image):
+    # StopTrainingJob sends SIGTERM to the container: the sweep stops as on Ctrl-C.
+    opt_ml = sagemaker_folders(tmp_path, data_file, json.dumps({
+        "hydra.mode": "MULTIRUN", "sweep": "quick", "hydra.sweeper.n_trials": "4",
+        "trainer.epochs": "40", "trainer.patience": "0", "tracking.enabled": "false"}))
+    name = f"abalone-stop-{tmp_path.name}"[:60]
+    mounts = []
+    for sub in ("input/data/training", "input/config", "model", "output"):
+        mounts += ["-v", f"{opt_ml / sub}:/opt/ml/{sub}"]
+    podman(podman_env, "run", "--detach", "--name", name, "--network=host", *mounts, IMAGE, "train")
+    try:
+        journal = opt_ml / "model" / "optuna-studies.journal"
+        deadline = time.monotonic() + 300
+        while "trial   0" not in (logs := podman(podman_env, "logs", name)).stdout + logs.stderr:
+            assert time.monotonic() < deadline, "the sweep's first trial did not finish"
+            time.sleep(1)
+        time.sleep(3)  # into the second trial's training
+        podman(podman_env, "stop", "--time", "60", name)
+        code = int(podman(podman_env, "wait", name).stdout.strip())
+    finally:
+        logs = podman(podman_env, "logs", name, check=False)
+        podman(podman_env, "rm", "--force", name, check=False)
+    assert code == 130, (logs.stdout + logs.stderr)[-4000:]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") >= 1, states
+    assert "RUNNING" not in states and "WAITING" in states, states  # queued again
+    assert "interrupted" in (opt_ml / "output" / "failure").read_text()
