@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Benchmark: the AWS sample's recipe against our default run, the MLflow callback's overhead,
-a sweep, its scaling with n_jobs, start-up time and the study storage's per-trial cost.
+a sweep, its scaling with n_jobs, start-up time, the study storage's per-trial cost and the
+registered model's latency and throughput behind `mlflow models serve`.
 
     python scripts/benchmark.py                      # the full benchmark (~20 min on 2 cores)
     python scripts/benchmark.py --sweep-trials 50 --repeats 3 --postgres-url postgresql://...
     python scripts/benchmark.py --smoke              # tiny sizes: checks every figure appears
+    python scripts/benchmark.py --sections serving   # one section
 
 Every training figure comes from a fresh process (the real `python -m abalone.train`, or the
 sample's recipe in its own interpreter), so imports and peak memory count as a user sees them;
@@ -387,6 +389,77 @@ def bench_storage(args) -> dict:
     return {"seconds_per_trial": result, "reports_per_trial": 20}
 
 
+SERVING_BATCHES = (1, 100, 10_000)
+
+
+def bench_serving(args) -> dict:
+    """The registered model behind `mlflow models serve --env-manager local`: seconds from the
+    command to /ping answering, then per batch size (raw rows of the file, sampled with
+    replacement, as `dataframe_split` JSON) the latency of `/invocations` requests sent one after
+    another by one client on a kept-alive connection, and rows per second. The model is the
+    default run's with 2 epochs: training longer changes its weights, not its cost."""
+    import http.client
+
+    import pandas as pd
+
+    rows = pd.read_csv(args.data, names=COLUMNS).drop(columns="Rings")
+    with tempfile.TemporaryDirectory(prefix="abalone-bench-serving-") as tmp:
+        run_measured([sys.executable, "-m", "abalone.train", "trainer.epochs=2"], Path(tmp),
+                     base_env(args.data))
+        port = free_port()
+        # The command runs `uvicorn` from PATH, as with the venv active; and starts it as a
+        # child, hence a process group to stop.
+        env = base_env(args.data, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db",
+                       PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+             "models:/abalone-tensorflow-model/1", "--env-manager", "local", "-h", "127.0.0.1",
+             "-p", str(port)], cwd=tmp, env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            while True:
+                if proc.poll() is not None or time.monotonic() - start > 300:
+                    raise RuntimeError("mlflow models serve did not start")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1):
+                        break
+                except OSError:
+                    time.sleep(0.2)
+            ready_seconds = time.monotonic() - start
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+            batches = []
+            for size in SERVING_BATCHES:
+                sample = rows.sample(size, replace=size > len(rows), random_state=0)
+                body = ('{"dataframe_split": %s}'
+                        % sample.to_json(orient="split", index=False)).encode()
+                latencies = []
+                for request in range(args.serving_requests + 1):  # the first one warms up
+                    sent = time.perf_counter()
+                    connection.request("POST", "/invocations", body,
+                                       {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    answer = response.read()
+                    if request:
+                        latencies.append(time.perf_counter() - sent)
+                    if response.status != 200:
+                        raise RuntimeError(f"/invocations answered {response.status}: "
+                                           f"{answer[:1000]!r}")
+                if len(json.loads(answer)["predictions"]) != size:
+                    raise RuntimeError(f"/invocations did not predict {size} rows")
+                p90 = (statistics.quantiles(latencies, n=10, method="inclusive")[-1]
+                       if len(latencies) > 1 else latencies[0])
+                batches.append({"rows": size, "requests": len(latencies),
+                                "median_ms": statistics.median(latencies) * 1000,
+                                "p90_ms": p90 * 1000,
+                                "rows_per_second": size * len(latencies) / sum(latencies)})
+            connection.close()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    return {"ready_seconds": ready_seconds, "batches": batches}
+
+
 def targets(results: dict) -> list[dict]:
     """Issue #5's targets (2 CPU cores, TensorFlow), each with the figure that decides it."""
     rows = []
@@ -469,6 +542,14 @@ def markdown(results: dict) -> str:
                          f"{sweep['wall_seconds']:.0f} s | {sweep['trials_per_minute']:.1f} | "
                          f"{sweep['pruned_fraction']:.0%} | {sweep['best_val_rmse']:.3f} | "
                          f"{sweep['champion_test_rmse']:.3f} |")
+    if "serving" in results:
+        sv = results["serving"]
+        lines += ["", "## Serving (`mlflow models serve`, one client, requests one after another)",
+                  "", f"- command to /ping answering: {sv['ready_seconds']:.1f} s", "",
+                  "| rows per request | median latency | p90 latency | rows/s |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {b['rows']} | {b['median_ms']:.1f} ms | {b['p90_ms']:.1f} ms | "
+                  f"{b['rows_per_second']:.0f} |" for b in sv["batches"]]
     if "storage" in results:
         st = results["storage"]
         lines += ["", "## Study storage", ""]
@@ -495,7 +576,9 @@ def main() -> None:
     parser.add_argument("--postgres-url", default=None,
                         help="also time the study storage on this PostgreSQL database")
     parser.add_argument("--no-scale", action="store_true", help="skip the n_jobs=2 sweep")
-    parser.add_argument("--sections", default="default,callback,sweeps,storage",
+    parser.add_argument("--serving-requests", type=int, default=200,
+                        help="timed /invocations requests per batch size")
+    parser.add_argument("--sections", default="default,callback,sweeps,storage,serving",
                         help="comma-separated subset to run (the report shows only those)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, to check that every figure is produced")
@@ -505,7 +588,7 @@ def main() -> None:
     args.data = str(Path(args.data).resolve())
     if args.smoke:
         args.repeats, args.epochs, args.callback_epochs, args.callback_pairs = 1, 2, 2, 1
-        args.sweep_trials, args.storage_trials = 2, 3
+        args.sweep_trials, args.storage_trials, args.serving_requests = 2, 3, 3
         args.sweep_overrides = ["trainer.epochs=2", *args.sweep_overrides]
     try:
         import jax  # noqa: F401
@@ -530,6 +613,9 @@ def main() -> None:
     if "storage" in sections:
         print("study storage ...", flush=True)
         results["storage"] = bench_storage(args)
+    if "serving" in sections:
+        print("serving ...", flush=True)
+        results["serving"] = bench_serving(args)
     results["targets"] = targets(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))

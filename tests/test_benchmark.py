@@ -46,6 +46,12 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
         assert sweep["wall_seconds"] > 0 and sweep["trials_per_minute"] > 0
         assert 0 <= sweep["pruned_fraction"] <= 1 and sweep["champion_test_rmse"] > 0
     assert set(results["storage"]["seconds_per_trial"]) == {"journal_file", "postgresql"}
+    serving = results["serving"]
+    assert serving["ready_seconds"] > 0
+    assert [b["rows"] for b in serving["batches"]] == [1, 100, 10_000]
+    for batch in serving["batches"]:
+        assert batch["requests"] == 3 and batch["rows_per_second"] > 0
+        assert 0 < batch["median_ms"] <= batch["p90_ms"]
     assert all(value is not None for _, value in numbers(results) if _ != ".settings.postgres_url")
     met = {t["target"]: t["met"] for t in results["targets"]}
     assert len(met) == 5 + 2 * 2  # default run (4), callback, and 2 per sweep
@@ -54,3 +60,4 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
     report = (tmp_path / "out" / "benchmark.md").read_text()
     assert "fit speed-up" in report and "| 2 |" in report and "postgresql" in report
     assert "| our callback adds <= 5% to fit time |" in report
+    assert "## Serving" in report and "| 10000 |" in report
