@@ -1,4 +1,5 @@
-"""AWS: SageMaker managed MLflow tracking servers (by ARN or by name) and S3 output uploads.
+"""AWS: SageMaker managed MLflow (tracking servers by ARN or name, MLflow Apps by ARN, each in
+a partition the plugin reaches) and S3 output uploads.
 
 Credentials, profile, region and endpoints come from the usual AWS settings (environment,
 ~/.aws, instance role) through boto3; nothing here logs or stores them.
@@ -13,8 +14,10 @@ from pathlib import Path
 
 from abalone.config import AbaloneError
 
-ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:"
+ARN = re.compile(r"^arn:(?P<partition>aws[a-z-]*):sagemaker:(?P<region>[a-z0-9-]+):\d{12}:"
                  r"(mlflow-tracking-server|mlflow-app)/[A-Za-z0-9][A-Za-z0-9-]*$")
+# The partitions the sagemaker-mlflow plugin (0.5.0) has an MLflow endpoint in; it refuses aws-cn.
+PLUGIN_PARTITIONS = ("aws", "aws-us-gov")
 S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?$")
 
 
@@ -42,10 +45,29 @@ def sagemaker_tracking_uri(tracking_cfg) -> str:
         if not tracking_cfg.region:
             raise AwsError("tracking.server_name needs tracking.region (or set tracking.arn)")
         arn = describe_tracking_server(tracking_cfg.server_name, tracking_cfg.region)
-    if not ARN.match(arn):
-        raise AwsError(f"config key tracking.arn: {arn!r} is not a SageMaker MLflow tracking "
-                       "server ARN (arn:aws:sagemaker:REGION:ACCOUNT:mlflow-tracking-server/NAME)")
+    check_arn(arn)
     return arn
+
+
+def check_arn(arn: str) -> None:
+    """Fail unless `arn` is a tracking server's or MLflow App's ARN in the partition of its region,
+    and that partition is one the plugin can reach."""
+    import boto3
+
+    match = ARN.match(arn)
+    if not match:
+        raise AwsError(f"config key tracking.arn: {arn!r} is not a SageMaker MLflow tracking "
+                       "server or MLflow App ARN (arn:PARTITION:sagemaker:REGION:ACCOUNT:"
+                       "mlflow-tracking-server/NAME or ...:mlflow-app/ID)")
+    partition, region = match["partition"], match["region"]
+    expected = boto3.Session().get_partition_for_region(region)
+    if partition != expected:
+        raise AwsError(f"config key tracking.arn: {arn!r} names partition {partition}, but region "
+                       f"{region} is in partition {expected}")
+    if partition not in PLUGIN_PARTITIONS:
+        raise AwsError(f"config key tracking.arn: {arn!r} is in partition {partition}; the "
+                       "sagemaker-mlflow plugin reaches SageMaker MLflow only in "
+                       + " and ".join(PLUGIN_PARTITIONS))
 
 
 def describe_tracking_server(name: str, region: str) -> str:

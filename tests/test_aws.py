@@ -1,9 +1,11 @@
 """The AWS path with no AWS account: SageMaker managed MLflow through the sagemaker-mlflow plugin
-(fake ARN, SigV4-signed requests to a real `mlflow server`), S3 on moto's standalone server,
-the name-to-ARN lookup, the IAM policy against the calls made, and the container files."""
+(fake tracking server and App ARNs, SigV4-signed requests to a real `mlflow server`), S3 on moto's
+standalone server, the name-to-ARN lookup, ARN partitions, the IAM policies in iam/ against every
+request made and against AWS's list of actions, and the container files."""
 
 from __future__ import annotations
 
+import fnmatch
 import http.server
 import json
 import re
@@ -29,9 +31,11 @@ MODEL = "abalone-tensorflow-model"
 
 @pytest.fixture(scope="module")
 def moto_s3(tmp_path_factory):
-    """moto's standalone server on 127.0.0.1 as the S3 endpoint, with one bucket."""
+    """moto's standalone server on 127.0.0.1 as the S3 endpoint, with one bucket; its log lists
+    every request it serves."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                              str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -39,8 +43,27 @@ def moto_s3(tmp_path_factory):
     s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
                       aws_access_key_id="x", aws_secret_access_key="x")
     s3.create_bucket(Bucket="abalone-bucket")
-    yield url, s3
+    yield url, s3, log_path
     stop(proc)
+
+
+def s3_actions_since(log_path: Path, offset: int) -> list[tuple[str, str]]:
+    """(IAM action, resource ARN) of each S3 request moto logged after byte `offset`, with the
+    permission S3's API reference names for it (PutObject and its multipart parts: s3:PutObject;
+    GetObject, HeadObject: s3:GetObject; HeadBucket, ListObjectsV2: s3:ListBucket)."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        text = log.read().decode()
+    found = []
+    for method, path in re.findall(r'"([A-Z]+) (/[^ ?"]*)\S* HTTP/1\.1"', text):
+        bucket, _, key = path.lstrip("/").partition("/")
+        action = {("PUT", True): "s3:PutObject", ("POST", True): "s3:PutObject",
+                  ("GET", True): "s3:GetObject", ("HEAD", True): "s3:GetObject",
+                  ("GET", False): "s3:ListBucket", ("HEAD", False): "s3:ListBucket"}.get(
+                      (method, bool(key)))
+        assert action, f"S3 request {method} {path}: name its IAM action here"
+        found.append((action, f"arn:aws:s3:::{bucket}" + (f"/{key}" if key else "")))
+    return found
 
 
 def keys_in(s3, prefix: str) -> set[str]:
@@ -52,7 +75,7 @@ def keys_in(s3, prefix: str) -> set[str]:
 def s3_mlflow_server(tmp_path_factory, moto_s3):
     """An `mlflow server` whose artifact store is S3 (moto), handing out s3:// locations that
     clients write to themselves, as SageMaker managed MLflow does."""
-    endpoint, _ = moto_s3
+    endpoint, *_ = moto_s3
     root = tmp_path_factory.mktemp("s3-mlflow-server")
     prefix = f"mlflow-{root.name}"
     env = {**__import__("os").environ, **AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint}
@@ -64,17 +87,21 @@ def s3_mlflow_server(tmp_path_factory, moto_s3):
 
 
 class RecordingProxy:
-    """Forwards every request to `target` and records method, path and Authorization header."""
+    """Forwards every request to `target` and records method, path, Authorization header and the
+    ARN header the plugin routes by. New model versions come back PENDING_REGISTRATION, as
+    SageMaker's automatic model registration may leave them, so MLflow polls them as there."""
 
     def __init__(self, target: str):
-        self.requests: list[tuple[str, str, str]] = []
+        self.requests: list[tuple[str, str, str, str]] = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                arn = (self.headers.get("x-mlflow-sm-tracking-server-arn")
+                       or self.headers.get("x-sm-mlflow-app-arn") or "")
                 proxy.requests.append((self.command, self.path,
-                                       self.headers.get("Authorization", "")))
+                                       self.headers.get("Authorization", ""), arn))
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("host", "authorization", "content-length")}
                 request = urllib.request.Request(target + self.path, data=body or None,
@@ -84,6 +111,10 @@ class RecordingProxy:
                         status, data, rheaders = response.status, response.read(), response.headers
                 except urllib.error.HTTPError as err:
                     status, data, rheaders = err.code, err.read(), err.headers
+                if status == 200 and self.path.endswith("/model-versions/create"):
+                    created = json.loads(data)
+                    created["model_version"]["status"] = "PENDING_REGISTRATION"
+                    data = json.dumps(created).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", rheaders.get("Content-Type", "application/json"))
                 self.send_header("Content-Length", str(len(data)))
@@ -108,27 +139,51 @@ def sagemaker_env(proxy_url: str, s3_endpoint: str) -> dict:
             "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
 
 
-def rpc_names(paths: set[str]) -> set[str]:
-    """MLflow REST paths -> RPC names (`/api/2.0/mlflow/runs/log-batch` -> `LogBatch`)."""
-    from mlflow.server import handlers
+IAM = REPO / "iam"
+REST_ACTIONS = json.loads((IAM / "mlflow-rest-actions.json").read_text())
+# Values for the policies' placeholders that make them name this file's fake resources.
+PLACEHOLDERS = {"PARTITION": "aws", "REGION": "us-east-1", "ACCOUNT_ID": "123456789012",
+                "TRACKING_SERVER_NAME": "abalone-test", "MLFLOW_APP_ID": "app-abalonetest",
+                "ARTIFACT_BUCKET": "abalone-bucket", "DLC_ACCOUNT_ID": "763104351884"}
+APP_ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-app/app-abalonetest"
 
-    routes = []
-    for path, handler, _ in handlers.get_endpoints():
-        pattern = re.sub(r"<[^>]+>", "[^/]+", path)
-        name = "".join(part.capitalize() for part in handler.__name__.strip("_").split("_"))
-        routes.append((re.compile(f"^{pattern}$"), name))
-    names = set()
-    for path in paths:
-        matched = [name for regex, name in routes if regex.match(path.split("?")[0])]
-        assert matched, f"no MLflow endpoint matches {path}"
-        names.add(matched[0])
-    return names
+
+def statements(policy_file: str) -> list[dict]:
+    """The policy's statements with placeholders filled and Action always a list."""
+    text = re.sub(r"\b(" + "|".join(PLACEHOLDERS) + r")\b", lambda m: PLACEHOLDERS[m[1]],
+                  (IAM / policy_file).read_text())
+    found = json.loads(text)["Statement"]
+    for st in found:
+        assert not re.search(r"[A-Z]{3,}", st.get("Resource", "")), (policy_file, st["Resource"])
+    return [{**st, "Action": [st["Action"]] if isinstance(st["Action"], str) else st["Action"]}
+            for st in found]
+
+
+def allows(policy_file: str, action: str, arn: str) -> bool:
+    return any(st["Effect"] == "Allow" and action in st["Action"]
+               and fnmatch.fnmatchcase(arn, st["Resource"]) for st in statements(policy_file))
+
+
+def table_rows(requests) -> list[dict]:
+    """The row of iam/mlflow-rest-actions.json for each recorded (method, path)."""
+    rows = REST_ACTIONS["mlflow-tracking-server"]["requests"]
+    routes = [(row["method"], re.compile("^" + re.sub(r"<[^>]+>", "[^/]+", row["path"]) + "$"),
+               row) for row in rows]
+    found = []
+    for method, path, *_ in requests:
+        path = path.split("?")[0]
+        matched = [row for m, regex, row in routes if m == method and regex.match(path)]
+        assert len(matched) == 1, (f"{method} {path}: no row (or several) in "
+                                   "iam/mlflow-rest-actions.json; add its IAM action there")
+        found.append(matched[0])
+    return found
 
 
 def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, moto_s3,
                                                           s3_mlflow_server):
-    endpoint, s3 = moto_s3
+    endpoint, s3, moto_log = moto_s3
     server_url, prefix = s3_mlflow_server
+    moto_offset = moto_log.stat().st_size
     proxy = RecordingProxy(server_url)
     try:
         env = sagemaker_env(proxy.url, endpoint)
@@ -141,12 +196,14 @@ def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, 
         assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-4000:]
     finally:
         proxy.close()
+    s3_requests = s3_actions_since(moto_log, moto_offset)
 
     # Every request went through the plugin, SigV4-signed for sagemaker-mlflow in the ARN's region.
     assert len(proxy.requests) > 20
-    for method, path, authorization in proxy.requests:
+    for method, path, authorization, arn in proxy.requests:
         assert authorization.startswith("AWS4-HMAC-SHA256 Credential=AKIAABALONETEST/"), path
         assert "/us-east-1/sagemaker-mlflow/aws4_request" in authorization, path
+        assert arn == ARN, path
 
     client = MlflowClient(tracking_uri=server_url)
     experiment = client.get_experiment_by_name("abalone-tensorflow-experiment")
@@ -174,24 +231,108 @@ def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, 
     assert ARN in config_text and SECRET not in config_text
     assert SECRET not in single.stdout + single.stderr + sweep.stdout + sweep.stderr
 
-    # The IAM policy grants every MLflow action these commands used, and not the UI or deletes
-    # of experiments (least privilege).
-    policy = json.loads((REPO / "iam" / "mlflow-training-policy.json").read_text())
-    granted = {action for statement in policy["Statement"]
-               for action in ([statement["Action"]] if isinstance(statement["Action"], str)
-                              else statement["Action"])}
-    used = {f"sagemaker-mlflow:{name}" for name in rpc_names({p for _, p, _ in proxy.requests})}
-    assert used <= granted, sorted(used - granted)
-    assert "sagemaker-mlflow:*" not in granted and "sagemaker-mlflow:DeleteExperiment" not in granted
+    # The tracking server's policy grants, on this server's ARN, the IAM action of every request
+    # these commands sent (iam/mlflow-rest-actions.json maps method and path to it) and nothing
+    # MLflow-side that no request needs; registration was among them, polling included.
+    rows = table_rows(proxy.requests)
+    missing = sorted({f"{r['action']} ({r['method']} {r['path']})" for r in rows
+                      if not allows("mlflow-training-policy.json", r["action"], ARN)})
+    assert not missing, f"iam/mlflow-training-policy.json does not grant {missing}"
+    sent = {(r["method"], r["path"]) for r in rows}
+    assert {"CreateModelVersion", "GetModelVersion", "SetRegisteredModelAlias",
+            "GetModelVersionByAlias", "CreateLoggedModel"} <= {r["mlflow_rpc"] for r in rows}
+    table = REST_ACTIONS["mlflow-tracking-server"]["requests"]
+    unexplained = [f"{r['method']} {r['path']}" for r in table
+                   if (r["method"], r["path"]) not in sent and "sent_when" not in r]
+    assert not unexplained, f"rows nothing sent and no sent_when says when: {unexplained}"
+    granted = {a for st in statements("mlflow-training-policy.json") for a in st["Action"]
+               if a.startswith("sagemaker-mlflow:")}
+    assert granted == {r["action"] for r in table}, "the policy grants exactly the table's actions"
+    # ... and the client's own S3 requests (it writes the artifacts itself) are granted too.
+    assert {action for action, _ in s3_requests} == {"s3:PutObject"}
+    for policy in ("mlflow-training-policy.json", "mlflow-app-training-policy.json"):
+        assert all(allows(policy, action, arn) for action, arn in s3_requests), policy
+
+
+def test_mlflow_app_requests_signed_for_sagemaker_and_granted(tmp_path, data_file, moto_s3,
+                                                                s3_mlflow_server):
+    """An MLflow App ARN: the plugin signs for service `sagemaker`, and the App policy's one
+    action covers every request a run with registration sends."""
+    endpoint, *_ = moto_s3
+    server_url, _ = s3_mlflow_server
+    proxy = RecordingProxy(server_url)
+    try:
+        done = run_cli([*TINY, "tracking=sagemaker", f"tracking.arn={APP_ARN}"], cwd=tmp_path,
+                       data=data_file, env=sagemaker_env(proxy.url, endpoint))
+    finally:
+        proxy.close()
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    app = REST_ACTIONS["mlflow-app"]
+    assert app["signing_name"] == "sagemaker"
+    for method, path, authorization, arn in proxy.requests:
+        assert f"/us-east-1/{app['signing_name']}/aws4_request" in authorization, path
+        assert arn == APP_ARN, path
+    rows = table_rows(proxy.requests)  # the same requests as on a tracking server
+    assert {"CreateLoggedModel", "CreateModelVersion", "GetModelVersion"} <= {
+        r["mlflow_rpc"] for r in rows}
+    assert allows("mlflow-app-training-policy.json", app["action"], APP_ARN)
+    assert not allows("mlflow-app-training-policy.json", app["action"], APP_ARN + "-other")
+    assert not any(a.startswith("sagemaker-mlflow:") for st in
+                   statements("mlflow-app-training-policy.json") for a in st["Action"])
+    assert MlflowClient(tracking_uri=server_url).search_model_versions(f"name='{MODEL}'")
+
+
+def test_iam_policies_name_only_actions_in_the_reference():
+    reference = json.loads((IAM / "actions-reference.json").read_text())
+    known = {f"{prefix}:{name}" for prefix, names in reference["actions"].items()
+             for name in names}
+    assert len(reference["actions"]["sagemaker-mlflow"]) == 61 and reference["retrieved"]
+    assert "sagemaker-mlflow:CreateLoggedModel" not in known
+    policies = [p for p in sorted(IAM.glob("*.json")) if "Statement" in json.loads(p.read_text())]
+    assert {"mlflow-training-policy.json", "mlflow-app-training-policy.json",
+            "ecr-pull-policy.json", "trust-ec2.json"} <= {p.name for p in policies}
+    for policy in policies:
+        for st in statements(policy.name):
+            unknown = sorted(set(st["Action"]) - known)
+            assert not unknown, f"{policy.name} statement {st['Sid']} names {unknown}"
+    table = [r["action"] for r in REST_ACTIONS["mlflow-tracking-server"]["requests"]]
+    assert set(table) | {REST_ACTIONS["mlflow-app"]["action"]} <= known
+    # Both MLflow policies give the bucket the same access, so they cannot drift apart.
+    s3 = [[st for st in statements(name) if st["Action"][0].startswith("s3:")]
+          for name in ("mlflow-training-policy.json", "mlflow-app-training-policy.json")]
+    assert s3[0] == s3[1] and s3[0]
+
+
+def test_rest_actions_table_matches_mlflows_own_routes():
+    """Each row's method and path is the route MLflow's service definitions give its RPC."""
+    from mlflow.protos import databricks_pb2, model_registry_pb2, service_pb2
+
+    routes = {}
+    for module, service in ((service_pb2, "MlflowService"),
+                            (model_registry_pb2, "ModelRegistryService")):
+        for rpc in module.DESCRIPTOR.services_by_name[service].methods:
+            for endpoint in rpc.GetOptions().Extensions[databricks_pb2.rpc].endpoints:
+                path = "/api/2.0" + re.sub(r"\{([^}]+)\}", r"<\1>", endpoint.path)
+                routes[endpoint.method, path] = rpc.input_type.name
+    for row in REST_ACTIONS["mlflow-tracking-server"]["requests"]:
+        assert routes.get((row["method"], row["path"])) == row["mlflow_rpc"], row
+        same_name = row["action"] == f"sagemaker-mlflow:{row['mlflow_rpc']}"
+        assert (row["basis"] == "same-name") == same_name, row
+        assert row["basis"] == "same-name" or row.get("reason"), row
 
 
 def test_output_s3_uri_uploads_the_run_folder(tmp_path, data_file, moto_s3, s3_mlflow_server):
-    endpoint, s3 = moto_s3
+    endpoint, s3, moto_log = moto_s3
     server_url, prefix = s3_mlflow_server
+    moto_offset = moto_log.stat().st_size
     done = run_cli([*TINY, "tracking=server", f"tracking.uri={server_url}",
                     "output.s3_uri=s3://abalone-bucket/abalone-outputs/"], cwd=tmp_path,
                    data=data_file, env={**AWS_ENV, "AWS_ENDPOINT_URL": endpoint})
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    # The bucket check and the uploads are what the policies' S3 statements grant.
+    s3_requests = s3_actions_since(moto_log, moto_offset)
+    assert {action for action, _ in s3_requests} == {"s3:ListBucket", "s3:PutObject"}
+    assert all(allows("mlflow-training-policy.json", action, arn) for action, arn in s3_requests)
     client = MlflowClient(tracking_uri=server_url)
     (run,) = client.search_runs([client.get_experiment_by_name(
         "abalone-tensorflow-experiment").experiment_id])
@@ -207,7 +348,7 @@ def test_output_s3_uri_uploads_the_run_folder(tmp_path, data_file, moto_s3, s3_m
 
 @pytest.mark.parametrize("args, env, words", [
     (["tracking=sagemaker", "tracking.arn=arn:aws:s3:::not-mlflow"], AWS_ENV,
-     "is not a SageMaker MLflow tracking server ARN"),
+     "is not a SageMaker MLflow tracking server or MLflow App ARN"),
     (["tracking=sagemaker", f"tracking.arn={ARN}"], {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
                                                      "AWS_CONFIG_FILE": "/nonexistent",
                                                      "AWS_EC2_METADATA_DISABLED": "true"},
@@ -222,6 +363,27 @@ def test_aws_setting_errors_are_clear_and_fast(tmp_path, data_file, args, env, w
     assert done.returncode == 1
     assert words in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("arn, words", [
+    (ARN, None),
+    (APP_ARN, None),
+    ("arn:aws-us-gov:sagemaker:us-gov-west-1:123456789012:mlflow-tracking-server/x", None),
+    ("arn:aws:sagemaker:us-gov-west-1:123456789012:mlflow-tracking-server/x",
+     "names partition aws, but region us-gov-west-1 is in partition aws-us-gov"),
+    ("arn:aws-cn:sagemaker:cn-north-1:123456789012:mlflow-app/app-x",
+     "is in partition aws-cn; the sagemaker-mlflow plugin reaches SageMaker MLflow only in aws "
+     "and aws-us-gov"),
+    ("arn:aws:sagemaker:us-east-1:123456789012:training-job/x", "is not a SageMaker MLflow"),
+])
+def test_arn_partition_agrees_with_its_region_and_the_plugin(arn, words):
+    from abalone import aws
+
+    if words is None:
+        aws.check_arn(arn)
+    else:
+        with pytest.raises(aws.AwsError, match=re.escape(words)):
+            aws.check_arn(arn)
 
 
 def test_unreachable_sagemaker_server_fails_within_seconds(tmp_path, data_file):
