@@ -137,8 +137,12 @@ def test_objective_is_the_metric_of_the_weights_early_stopping_keeps(tmp_path, d
                    for key in ("val_loss", "val_mae")}
         kept_step = min(by_step["val_loss"], key=by_step["val_loss"].get)
         assert trial.value == pytest.approx(by_step["val_mae"][kept_step])
-        assert trial.value == pytest.approx(
-            client.get_run(run_id).data.metrics["best_val_mae"], rel=1e-4)
+        run = client.get_run(run_id)
+        assert trial.value == pytest.approx(run.data.metrics["best_val_mae"], rel=1e-4)
+        # Named `objective` whatever the metric, at the kept epoch.
+        (objective,) = client.get_metric_history(run_id, "objective")
+        assert (objective.step, objective.value) == (kept_step, pytest.approx(trial.value))
+        assert run.data.params["objective_metric"] == "val_mae"
 
 
 def grid_args(tmp_path: Path, *extra: str) -> list[str]:
@@ -263,6 +267,7 @@ def test_interrupted_sweep_resumes_to_the_total(tmp_path, data_file, how):
         assert first.state == TrialState.FAIL  # ended by the process itself
         run = client.get_run(first.user_attrs["mlflow_run_id"])
         assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+        assert run.data.tags["mlflow.note.content"].startswith("Interrupted (Ctrl-C) after ")
     else:
         assert first.state == TrialState.RUNNING  # nobody was left to end it
     finished_before = {t.number: t.value for t in study.trials if t.state.is_finished()
