@@ -1,4 +1,5 @@
-"""Keras callbacks: our MLflow logger and the terminal's one line per epoch.
+"""Keras callbacks: our MLflow logger, the terminal's one line per epoch, and the checks that
+stop training (divergence, a sweep's Ctrl-C).
 
 `MlflowLogger` sends epochs' metrics in batched requests (the AWS sample sends one blocking
 request per metric) from a background thread, so training never waits on the network: at most one
@@ -14,6 +15,7 @@ of the default model if evaluated every epoch.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,6 +25,8 @@ import keras
 import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+
+from abalone.config import AbaloneError
 
 log = logging.getLogger("abalone")
 
@@ -52,6 +56,7 @@ class MlflowLogger(keras.callbacks.Callback):
         self.client = client
         self.run_id = run_id
         self.interval = interval
+        self._sender: threading.Thread | None = None
 
     def on_train_begin(self, logs=None):
         self._train_start = time.perf_counter()
@@ -80,8 +85,16 @@ class MlflowLogger(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._queue({"total_training_time": time.perf_counter() - self._train_start}, 0)
+        self.close()
+
+    def close(self) -> None:
+        """Send what is queued and stop the sender thread. Keras skips on_train_end when fit
+        raises (a pruned trial, Ctrl-C), so the caller then closes the logger itself."""
+        if self._sender is None:
+            return
         self._outbox.put(None)
         self._sender.join()
+        self._sender = None
         if self._error is not None:
             raise self._error  # the server refused or never got a batch
 
@@ -129,6 +142,21 @@ class MlflowLogger(keras.callbacks.Callback):
                     self.client.log_batch(self.run_id, metrics=self._metrics(entries))
                 except Exception as err:  # re-raised on the training thread at the end
                     self._error = err
+
+
+class TrainingDiverged(AbaloneError):
+    """The loss became NaN or infinite."""
+
+
+class RaiseOnDivergence(keras.callbacks.Callback):
+    """Fails training at the end of an epoch whose loss is NaN or infinite. Placed after the
+    loggers (the epoch is recorded) and before a sweep's pruner: Optuna's pruners prune NaN
+    values once a trial has finished, and a diverged trial is a failure, not a pruned one."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not math.isfinite(float((logs or {}).get("loss", math.nan))):
+            raise TrainingDiverged("training loss became NaN or infinite; lower optimizer.lr "
+                                   "or change the model")
 
 
 class RaiseOnInterrupt(keras.callbacks.Callback):

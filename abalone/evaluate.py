@@ -22,14 +22,10 @@ def regression_metrics(actual: np.ndarray, predicted: np.ndarray, prefix: str) -
     }
 
 
-def save_plots(history: dict[str, list[float]], actual: np.ndarray, predicted: np.ndarray,
-               out_dir: Path) -> list[Path]:
-    """Learning curves, predicted vs actual and residuals on the test rows, as PNG files."""
+def save_learning_curves(history: dict[str, list[float]], out_dir: Path) -> Path:
+    """Training and validation loss and RMSE per epoch, as far as training got."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    actual, predicted = np.ravel(actual), np.ravel(predicted)
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
-    paths = []
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "rmse")):
         for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
@@ -37,7 +33,14 @@ def save_plots(history: dict[str, list[float]], actual: np.ndarray, predicted: n
                 ax.plot(epochs, history[key], label=label)
         ax.set(xlabel="epoch", ylabel=metric, title=f"Learning curve: {metric}")
         ax.legend()
-    paths.append(_save(fig, out_dir / "learning_curves.png"))
+    return _save(fig, out_dir / "learning_curves.png")
+
+
+def save_plots(history: dict[str, list[float]], actual: np.ndarray, predicted: np.ndarray,
+               out_dir: Path) -> list[Path]:
+    """Learning curves, predicted vs actual and residuals on the test rows, as PNG files."""
+    actual, predicted = np.ravel(actual), np.ravel(predicted)
+    paths = [save_learning_curves(history, out_dir)]
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(actual, predicted, s=8, alpha=0.5)

@@ -35,6 +35,11 @@ from abalone.config import ConfigError
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 HOST = socket.gethostname()
+# Metric names: a trial's objective (the sweep's metric for the weights it keeps, or the value it
+# was pruned at), and the parent run's best objective so far. Names of their own, so sorting the
+# runs table by them ranks trials as the sweep did, and the parent does not sort among them.
+OBJECTIVE = "objective"
+BEST_OBJECTIVE = "best_objective"
 OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -53,21 +58,25 @@ ACTIVE_TRIAL: ContextVar[TrialContext | None] = ContextVar("abalone_active_trial
 
 
 def search_space(params: dict[str, Any], arguments: list[str]
-                 ) -> tuple[dict[str, BaseDistribution], list[str]]:
-    """Split sweep settings and command-line overrides into Optuna distributions and the fixed
-    overrides every trial gets. Command-line sweeps (`model=wide,deep`) replace a sweep file's."""
+                 ) -> tuple[dict[str, BaseDistribution], list[str], dict[str, str]]:
+    """Split sweep settings and command-line overrides into Optuna distributions, the fixed
+    overrides every trial gets, and each swept key's expression as the user wrote it
+    (`choice(baseline, wide)`, `wide,deep`). Command-line sweeps replace a sweep file's."""
     parser = OverridesParser.create()
     lines = [f"{key}={value}" for key, value in params.items()]
     space: dict[str, BaseDistribution] = {}
     fixed: list[str] = []
+    written: dict[str, str] = {}
     for override in parser.parse_overrides(lines) + parser.parse_overrides(arguments):
         key = override.get_key_element()
         if override.is_sweep_override():
             space[key] = _distribution(key, override.value())
+            written[key] = override.input_line.split("=", 1)[1]
         else:
             space.pop(key, None)
+            written.pop(key, None)
             fixed.append(override.input_line)
-    return space, fixed
+    return space, fixed, written
 
 
 def _distribution(key: str, sweep: Any) -> BaseDistribution:
@@ -107,6 +116,12 @@ def make_storage(storage: str) -> optuna.storages.BaseStorage:
     path = Path(storage).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+# The sampler's and pruner's settings each one uses (the others are ignored and not logged).
+SETTINGS_USED = {"tpe": ("seed", "n_startup_trials"), "random": ("seed",), "grid": ("seed",),
+                 "median": ("n_startup_trials", "n_warmup_steps"),
+                 "hyperband": ("min_resource", "reduction_factor"), "none": ()}
 
 
 def make_sampler(conf, space: dict[str, BaseDistribution], rank: int) -> optuna.samplers.BaseSampler:

@@ -1,20 +1,43 @@
-"""MLflow: connecting without minutes of retries, and what a run records besides metrics."""
+"""MLflow: connecting without minutes of retries, what a run records besides metrics, and
+where a person looks at the runs."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
-import mlflow
-from omegaconf import OmegaConf
 
-from abalone.config import AbaloneError
+class _SageMakerHeadersOffArn(logging.Filter):
+    """Drops MLflow's warning about the sagemaker-mlflow plugin's request-header provider when
+    the tracking URI is not an ARN: the plugin parses every URI as an ARN and fails ("list index
+    out of range") on each request. Other providers' errors, and the plugin's on an ARN, pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        traceback = getattr(error, "__traceback__", None)
+        while traceback is not None:
+            if traceback.tb_frame.f_globals.get("__name__", "").startswith("sagemaker_mlflow."):
+                import mlflow
+
+                return mlflow.get_tracking_uri().startswith("arn:")
+            traceback = traceback.tb_next
+        return True
+
+
+# Before MLflow loads the plugin and sends the first request.
+logging.getLogger("mlflow.tracking.request_header.registry").addFilter(_SageMakerHeadersOffArn())
+
+import mlflow  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from abalone.config import AbaloneError  # noqa: E402
 
 # Config keys whose values are never logged, whatever group they come from.
 SECRET_KEY = re.compile(r"secret|password|token|credential|access_key|session_key", re.I)
@@ -187,20 +210,30 @@ def end_failed_run(error: BaseException, is_trial: bool, interrupted: bool = Fal
 
     pruned = isinstance(error, optuna.TrialPruned) and not interrupted
     killed = pruned or interrupted or isinstance(error, KeyboardInterrupt)
-    if is_trial:
-        mlflow.set_tag("optuna.state", "PRUNED" if pruned else "FAIL")
-    mlflow.end_run("KILLED" if killed else "FAILED")
+    try:
+        if is_trial:
+            mlflow.set_tag("optuna.state", "PRUNED" if pruned else "FAIL")
+    finally:
+        mlflow.end_run("KILLED" if killed else "FAILED")
 
 
-def where_to_look() -> str:
+def runs_table_url(host: str, experiment_id: str, search_filter: str | None = None) -> str:
+    """The MLflow UI's runs table of the experiment (MLflow 3 otherwise opens its GenAI
+    overview), filtered by `search_filter` (the search box's syntax) when given."""
+    url = f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return url + (f"&searchFilter={quote(search_filter, safe='')}" if search_filter else "")
+
+
+def where_to_look(experiment_id: str, search_filter: str | None = None) -> str:
     """Where a person looks at the runs just tracked (MLflow must be connected)."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith("arn:"):
         return (f"SageMaker Studio > Applications > MLflow > {uri.rsplit('/', 1)[-1]} "
                 f"(tracking server {uri})")
     if uri.startswith(("http://", "https://")):
-        return redact(uri)
-    return f"mlflow ui --backend-store-uri {redact(uri)}"
+        return runs_table_url(redact(uri), experiment_id, search_filter)
+    return (f"mlflow ui --backend-store-uri {redact(uri)}, then "
+            f"{runs_table_url('http://127.0.0.1:5000', experiment_id, search_filter)}")
 
 
 def open_parent_run(client, experiment_id: str, study_name: str, storage: str,

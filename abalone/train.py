@@ -22,6 +22,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's "View run / View experiment" lines after every run; we print one link to the runs table.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -39,11 +41,13 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 @dataclass
 class RunResult:
     run_id: str | None
+    experiment_id: str | None
     metrics: dict[str, float]
     epochs_run: int
     fit_seconds: float
     model_version: str | None = None
     objective: float | None = None  # in a sweep: the sweep's metric for the weights kept
+    objective_epoch: int | None = None  # the epoch (from 1) whose weights were kept
     s3_location: str | None = None
 
 
@@ -76,10 +80,6 @@ def import_keras():
     return keras
 
 
-class TrainingDiverged(AbaloneError):
-    """The loss became NaN or infinite."""
-
-
 def build_model(cfg: DictConfig, splits, keras):
     """The configured model, compiled, with normalisation statistics of the training rows."""
     from hydra.utils import instantiate
@@ -106,11 +106,13 @@ def build_model(cfg: DictConfig, splits, keras):
     return model
 
 
-def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
+def run_training(cfg: DictConfig, output_dir: Path, trial=None,
+                 choices: dict[str, str] | None = None) -> RunResult:
     """Train, evaluate, log and (outside sweeps) register one model as `cfg` says.
 
     `trial` is the sweep's `abalone.study.TrialContext`: the run then nests under the sweep's
-    parent run, reports each epoch to the pruner, and records the trial's Optuna state.
+    parent run, reports each epoch to the pruner, and records the trial's Optuna state and
+    objective. `choices` (config group -> option, e.g. model -> wide) are logged as params.
     """
     check_ranges(cfg)
     from abalone import data
@@ -123,15 +125,15 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
     from abalone import tracking
 
     tracked = cfg.tracking.enabled
-    if tracked:
-        experiment_id = tracking.connect(cfg.tracking)
+    experiment_id = tracking.connect(cfg.tracking) if tracked else None
     if cfg.output.s3_uri:
         from abalone.aws import check_s3_output
 
         check_s3_output(cfg.output.s3_uri)
 
     keras = import_keras()
-    from abalone.callbacks import EpochPrinter, MlflowLogger, RaiseOnInterrupt
+    from abalone.callbacks import (EpochPrinter, MlflowLogger, RaiseOnDivergence,
+                                   RaiseOnInterrupt, TrainingDiverged)
     from abalone.serving import model_inputs
 
     t = cfg.trainer
@@ -140,7 +142,9 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
     train_y, val_y, test_y = (data.target(f) for f in (splits.train, splits.val, splits.test))
     model = build_model(cfg, splits, keras)
 
-    callbacks: list = [keras.callbacks.TerminateOnNaN()]
+    # First, so it holds the epoch a pruner stops at too: a stopped run still plots its curves.
+    history = keras.callbacks.History()
+    callbacks: list = [history]
     early_stopping = None
     if t.patience:
         early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience,
@@ -149,41 +153,45 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
     if t.verbose:
         callbacks.append(EpochPrinter(t.epochs))
 
-    run_id = None
+    run_id, mlflow_logger = None, None
     if tracked:
         run_tags = tracking.run_tags(data_path, data.sha256_of(data_path))
         run_name = cfg.tracking.run_name
+        # Group choices as written (model=wide), beside the keys they expand to (model.units).
+        params = {**tracking.flat_params(cfg), **(choices or {})}
         if trial:
             run_tags.update({"optuna.study_name": trial.study_name,
-                             "optuna.trial_number": str(trial.trial.number)})
-            run_name = run_name or f"trial-{trial.trial.number}"
+                             "optuna.trial_number": str(trial.trial.number),
+                             "optuna.sampled_keys": ", ".join(trial.trial.params)})
+            # Short, and unique across sweeps once a sorted table flattens the nesting.
+            run_name = f"{run_name or trial.study_name}-t{trial.trial.number}"
+            params["objective_metric"] = trial.metric
         run_id = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags,
                                   parent_run_id=trial.parent_run_id if trial else None
                                   ).info.run_id
     try:
         if tracked:
             client = mlflow.MlflowClient()
-            client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in
-                                             tracking.flat_params(cfg).items()])
-            callbacks.append(MlflowLogger(client, run_id))
+            client.log_batch(run_id, params=[mlflow.entities.Param(k, v)
+                                             for k, v in params.items()])
+            mlflow_logger = MlflowLogger(client, run_id)
+            callbacks.append(mlflow_logger)
             if trial:
                 trial.trial.set_user_attr("mlflow_run_id", run_id)
             else:
                 log.info("MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment,
                          tracking.redact(mlflow.get_tracking_uri()))
+        callbacks.append(RaiseOnDivergence())
         if trial:  # last, so the epoch is logged before a prune or Ctrl-C stops training
             from optuna_integration import KerasPruningCallback
 
             callbacks += [KerasPruningCallback(trial.trial, trial.metric),
                           RaiseOnInterrupt(trial.interrupted)]
         fit_start = time.perf_counter()
-        history = model.fit(**data.fit_arguments((train_x, train_y), (val_x, val_y),
-                                                 t.batch_size, t.seed, keras.backend.backend()),
-                            epochs=t.epochs, verbose=0, callbacks=callbacks).history
+        model.fit(**data.fit_arguments((train_x, train_y), (val_x, val_y), t.batch_size, t.seed,
+                                       keras.backend.backend()),
+                  epochs=t.epochs, verbose=0, callbacks=callbacks)
         fit_seconds = time.perf_counter() - fit_start
-        if not all(math.isfinite(v) for v in history.get("loss") or [math.nan]):
-            raise TrainingDiverged("training loss became NaN or infinite; lower optimizer.lr "
-                                   "or change the model")
 
         from abalone import evaluate
 
@@ -192,26 +200,85 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None) -> RunResult:
         metrics = evaluate.regression_metrics(test_y, predicted, "test")
         metrics.update(evaluate.regression_metrics(
             val_y, keras.ops.convert_to_numpy(model(val_x, training=False)), "best_val"))
-        result = RunResult(run_id, metrics, len(history["loss"]), fit_seconds)
+        result = RunResult(run_id, experiment_id, metrics, len(history.history["loss"]),
+                           fit_seconds)
         if trial:
             from abalone.study import kept_value
 
             restored = early_stopping is not None and early_stopping.best_weights is not None
-            result.objective = kept_value(history, trial.metric,
-                                          early_stopping.best_epoch if restored else -1)
+            kept = early_stopping.best_epoch if restored else result.epochs_run - 1
+            result.objective = kept_value(history.history, trial.metric, kept)
+            result.objective_epoch = kept + 1
+            if math.isnan(result.objective):
+                raise TrainingDiverged(f"{trial.metric}, the sweep's objective, became NaN or "
+                                       "infinite")
 
-        save_outputs(cfg, model, history, splits.test, predicted, output_dir, result, trial)
+        save_outputs(cfg, model, history.history, splits.test, predicted, output_dir, result,
+                     trial)
     except BaseException as err:
         # During a sweep's Ctrl-C, TensorFlow may raise its own error instead of the interrupt.
         interrupted = trial is not None and trial.interrupted.is_set()
         if tracked:
-            tracking.end_failed_run(err, is_trial=trial is not None, interrupted=interrupted)
+            end_stopped_run(cfg, err, history.history, output_dir, trial, mlflow_logger,
+                            interrupted)
         if interrupted and not isinstance(err, KeyboardInterrupt):
             raise KeyboardInterrupt from err
         raise
     if tracked:
         mlflow.end_run("FINISHED")
     return result
+
+
+def end_stopped_run(cfg: DictConfig, error: BaseException, history: dict, output_dir: Path,
+                    trial, mlflow_logger, interrupted: bool) -> None:
+    """End the active run after `error` (FAILED, or KILLED for a pruned trial and Ctrl-C),
+    first recording what still compares with finished runs: the epochs' metrics, config.yaml,
+    the learning curves so far, for a pruned trial its objective, and in the run's description
+    why it stopped. Recording is best effort: the original error is what the caller raises."""
+    import mlflow
+    import optuna
+
+    from abalone import evaluate, tracking
+    from abalone.study import OBJECTIVE
+
+    epochs = len(history.get("loss", []))
+    after = f"after {epochs} epoch{'s' * (epochs != 1)}"
+    try:
+        if mlflow_logger is not None:
+            mlflow_logger.close()
+        if interrupted or isinstance(error, KeyboardInterrupt):
+            note = f"Interrupted (Ctrl-C) {after}."
+            if trial:
+                note += " The sweep runs its parameters again when it resumes."
+        elif trial and isinstance(error, optuna.TrialPruned):
+            value = history[trial.metric][-1]
+            note = (f"Pruned at epoch {epochs} with {trial.metric} {value:.4f}: the pruner "
+                    f"found it unpromising against the earlier trials at that epoch.")
+            mlflow.log_metric(OBJECTIVE, value, step=epochs)
+        else:
+            note = f"Failed {after}: {type(error).__name__}: {error}"
+        mlflow.set_tag("mlflow.note.content", note)
+        if not (interrupted or isinstance(error, KeyboardInterrupt)):
+            mlflow.log_artifact(str(save_config(cfg, output_dir)))
+            if epochs:
+                mlflow.log_artifact(str(evaluate.save_learning_curves(
+                    history, output_dir / "plots")), artifact_path="plots")
+    except Exception as record_error:  # noqa: BLE001 - never hides the run's own error
+        log.warning("could not record why the MLflow run stopped: %s: %s",
+                    type(record_error).__name__, record_error)
+    finally:
+        try:
+            tracking.end_failed_run(error, is_trial=trial is not None, interrupted=interrupted)
+        except Exception as end_error:  # noqa: BLE001 - e.g. the server went away
+            log.warning("could not end the MLflow run: %s: %s", type(end_error).__name__,
+                        end_error)
+
+
+def save_config(cfg: DictConfig, output_dir: Path) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / "config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return config_path
 
 
 def save_outputs(cfg: DictConfig, model, history: dict, test_rows, predicted, output_dir: Path,
@@ -222,9 +289,7 @@ def save_outputs(cfg: DictConfig, model, history: dict, test_rows, predicted, ou
 
     from abalone import data, evaluate, tracking
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = output_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config_path = save_config(cfg, output_dir)
     plots = evaluate.save_plots(history, data.target(test_rows), predicted, output_dir / "plots")
     keras_path = output_dir / "model.keras"
     model.save(keras_path)
@@ -239,6 +304,10 @@ def save_outputs(cfg: DictConfig, model, history: dict, test_rows, predicted, ou
     if result.s3_location:
         mlflow.set_tag("output.s3_location", result.s3_location)
     mlflow.log_metrics(result.metrics)
+    if trial:
+        from abalone.study import OBJECTIVE
+
+        mlflow.log_metric(OBJECTIVE, result.objective, step=result.objective_epoch)
     mlflow.log_artifact(str(config_path))
     for plot in plots:
         mlflow.log_artifact(str(plot), artifact_path="plots")
@@ -263,17 +332,20 @@ def _summary(cfg: DictConfig, result: RunResult, output_dir: Path) -> None:
                      result.model_version)
         from abalone.tracking import where_to_look
 
-        log.info("look: %s", where_to_look())
+        log.info("look: %s", where_to_look(result.experiment_id))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from abalone.study import ACTIVE_TRIAL
 
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    runtime = HydraConfig.get().runtime
+    output_dir = Path(runtime.output_dir)
     trial = ACTIVE_TRIAL.get()
+    choices = {group: choice for group, choice in runtime.choices.items()
+               if choice is not None and not group.startswith("hydra/")}
     try:
-        result = run_training(cfg, output_dir, trial)
+        result = run_training(cfg, output_dir, trial, choices)
     except AbaloneError as err:
         if HydraConfig.get().mode is RunMode.RUN:
             print(f"error: {err}", file=sys.stderr)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The tests: set up .venv with the dev extra, and the Debian packages the tests need (PostgreSQL's
-# server, Podman with what it needs here to build and run the container image) when missing, then
-# pytest (arguments go to pytest). The tests read the UCI file from $ABALONE_DATA and start their
-# own MLflow servers, PostgreSQL cluster and containers on 127.0.0.1.
+# The tests: set up .venv with the dev extra, and the Debian packages the tests need when missing
+# (PostgreSQL's server binaries for sweeps on a shared storage, Podman with what it needs here to
+# build and run the container image, chromium for the MLflow UI test), then pytest (arguments go to
+# pytest). The tests read the UCI file from $ABALONE_DATA and start their own MLflow servers,
+# PostgreSQL cluster and containers on 127.0.0.1.
 # shellcheck source=scripts/venv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 needed=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || needed+=(postgresql)
+[ -x /usr/bin/chromium ] || needed+=(chromium)
 for tool in podman mmdebstrap runc newuidmap; do
     command -v "$tool" >/dev/null || needed+=("$tool")
 done

@@ -105,6 +105,15 @@ def run_cli(args: list[str], cwd: Path, data: Path | None, env: dict | None = No
 TINY = ["trainer.epochs=2", "trainer.patience=0"]
 
 
+def sweep_runs(client, experiment: str = "abalone-tensorflow-experiment"):
+    """(parent runs, trial runs) of the experiment, deleted runs left out."""
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id])
+    parents = [r for r in runs if r.data.tags.get("abalone.role") == "sweep"]
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, trials
+
+
 @pytest.fixture(scope="session")
 def postgres_cluster():
     """A throwaway PostgreSQL cluster from Debian's server binaries, on 127.0.0.1 only."""

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import CLI_TIMEOUT, REPO, run_cli
+from conftest import CLI_TIMEOUT, REPO, run_cli, sweep_runs
 
 EXPERIMENT = "abalone-tensorflow-experiment"
 MODEL = "abalone-tensorflow-model"
@@ -28,15 +28,6 @@ def load_study(storage: str) -> optuna.Study:
 
     (summary,) = optuna.get_all_study_summaries(make_storage(storage))
     return optuna.load_study(study_name=summary.study_name, storage=make_storage(storage))
-
-
-def sweep_runs(client: MlflowClient):
-    """(parent runs, trial runs) of the experiment, deleted runs left out."""
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("abalone.role") == "sweep"]
-    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, trials
 
 
 def assert_total_honoured(study: optuna.Study, n_trials: int) -> None:
@@ -66,12 +57,23 @@ def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["optuna.study_name"] == study.study_name
     assert parent.data.tags["optuna.storage"] == str(tmp_path / "optuna-studies.journal")
-    assert parent.data.params["sweep.sampler.name"] == "tpe"
-    assert parent.data.params["sweep.pruner.name"] == "median"
+    settings = {k: v for k, v in parent.data.params.items() if k.startswith("sweep.s")}
+    assert settings == {  # the search space as written; only the settings that apply
+        "sweep.study_name": study.study_name,
+        "sweep.storage": str(tmp_path / "optuna-studies.journal"),
+        "sweep.sampler.name": "tpe", "sweep.sampler.seed": "42",
+        "sweep.sampler.n_startup_trials": "3",
+        "sweep.space.model": "choice(baseline, wide)",
+        "sweep.space.optimizer.lr": "tag(log, interval(0.001, 0.03))",
+        "sweep.space.trainer.batch_size": "choice(32, 64)"}
+    assert {k: v for k, v in parent.data.params.items() if k.startswith("sweep.pruner.")} == {
+        "sweep.pruner.name": "median", "sweep.pruner.n_startup_trials": "2",
+        "sweep.pruner.n_warmup_steps": "3"}
     assert parent.data.params["sweep.n_trials"] == "3"
-    assert "sweep.space.optimizer.lr" in parent.data.params
     best = study.best_trial
-    assert parent.data.metrics["best_val_rmse"] == pytest.approx(best.value)
+    # The parent's best so far has a name of its own: sorting by `objective` ranks trials only.
+    assert parent.data.metrics["best_objective"] == pytest.approx(best.value)
+    assert "objective" not in parent.data.metrics and "best_val_rmse" not in parent.data.metrics
     assert parent.data.tags["best.trial_number"] == str(best.number)
     assert {f"best.params.{k}" for k in best.params} <= set(parent.data.tags)
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
@@ -86,16 +88,30 @@ def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
         assert run.data.tags["optuna.state"] == trial.state.name
         assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[trial.state.name]
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.info.run_name == f"{study.study_name}-t{trial.number}"
         history = client.get_metric_history(run.info.run_id, "val_rmse")
         assert len(history) == (3 if trial.state == TrialState.COMPLETE else len(
             trial.intermediate_values))
+        (objective,) = client.get_metric_history(run.info.run_id, "objective")
         if trial.state == TrialState.COMPLETE:  # the kept weights' value: the last epoch's
             assert trial.value == pytest.approx(max(history, key=lambda m: m.step).value)
             assert trial.value == pytest.approx(run.data.metrics["best_val_rmse"], rel=1e-4)
+            assert (objective.step, objective.value) == (3, pytest.approx(trial.value))
+        assert run.data.params["objective_metric"] == "val_rmse"
         assert run.data.params["optimizer.lr"] == str(trial.params["optimizer.lr"])
+        # The sampled group choice under the key the user wrote, beside what it expands to.
+        assert run.data.params["model"] == trial.params["model"]
+        assert run.data.params["model.units"] == {"baseline": "64", "wide": "256"}[
+            trial.params["model"]]
+        assert run.data.tags["optuna.sampled_keys"] == "model, optimizer.lr, trainer.batch_size"
+        assert run.data.params["sweep"] == "quick" and run.data.params["optimizer"] == "adam"
     for number in by_number:
         assert f"trial {number:3d}" in out
     assert "top trials by val_rmse" in out and by_number[best.number].info.run_id in out
+    assert (f"look: {mlflow_server}/#/experiments/{parent.info.experiment_id}/runs?workflowType="
+            f"machine_learning&searchFilter=tags.%60optuna.study_name%60%20%3D%20%27"
+            f"{study.study_name}%27") in out
+    assert "View run" not in out and "list index out of range" not in out
 
     (version,) = client.search_model_versions(f"name='{MODEL}'")
     assert version.run_id == by_number[best.number].info.run_id
@@ -121,8 +137,12 @@ def test_objective_is_the_metric_of_the_weights_early_stopping_keeps(tmp_path, d
                    for key in ("val_loss", "val_mae")}
         kept_step = min(by_step["val_loss"], key=by_step["val_loss"].get)
         assert trial.value == pytest.approx(by_step["val_mae"][kept_step])
-        assert trial.value == pytest.approx(
-            client.get_run(run_id).data.metrics["best_val_mae"], rel=1e-4)
+        run = client.get_run(run_id)
+        assert trial.value == pytest.approx(run.data.metrics["best_val_mae"], rel=1e-4)
+        # Named `objective` whatever the metric, at the kept epoch.
+        (objective,) = client.get_metric_history(run_id, "objective")
+        assert (objective.step, objective.value) == (kept_step, pytest.approx(trial.value))
+        assert run.data.params["objective_metric"] == "val_mae"
 
 
 def grid_args(tmp_path: Path, *extra: str) -> list[str]:
@@ -155,6 +175,21 @@ def test_plain_grid_is_one_parent_and_pruning_prunes(tmp_path, data_file):
         (run,) = [r for r in runs if r.info.run_id == trial.user_attrs["mlflow_run_id"]]
         assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
         assert len(client.get_metric_history(run.info.run_id, "val_rmse")) < 3
+        # What a pruned trial still records: the value and epoch it was pruned at, and why.
+        epoch, value = max(trial.intermediate_values.items())
+        (objective,) = client.get_metric_history(run.info.run_id, "objective")
+        assert (objective.step, objective.value) == (epoch + 1, pytest.approx(value))
+        assert run.data.tags["mlflow.note.content"].startswith(
+            f"Pruned at epoch {epoch + 1} with val_rmse {value:.4f}")
+        assert_stopped_run_artifacts(client, run.info.run_id)
+
+
+def assert_stopped_run_artifacts(client: MlflowClient, run_id: str) -> None:
+    """A pruned or failed trial logs the config and its learning curves so far, no model."""
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert artifacts == {"config.yaml", "plots"}
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/learning_curves.png"}
 
 
 def test_failing_trial_does_not_stop_the_sweep(tmp_path, data_file):
@@ -169,6 +204,11 @@ def test_failing_trial_does_not_stop_the_sweep(tmp_path, data_file):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(failed.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
+    assert run.data.tags["mlflow.note.content"] == (
+        "Failed after 1 epoch: TrainingDiverged: training loss became NaN or infinite; lower "
+        "optimizer.lr or change the model")
+    assert "objective" not in run.data.metrics
+    assert_stopped_run_artifacts(client, run.info.run_id)
     assert "FAIL" in done.stdout + done.stderr
 
 
@@ -227,6 +267,7 @@ def test_interrupted_sweep_resumes_to_the_total(tmp_path, data_file, how):
         assert first.state == TrialState.FAIL  # ended by the process itself
         run = client.get_run(first.user_attrs["mlflow_run_id"])
         assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+        assert run.data.tags["mlflow.note.content"].startswith("Interrupted (Ctrl-C) after ")
     else:
         assert first.state == TrialState.RUNNING  # nobody was left to end it
     finished_before = {t.number: t.value for t in study.trials if t.state.is_finished()
@@ -298,8 +339,12 @@ def test_sweep_files_compose():
         assert sweeper.metric == "val_rmse" and sweeper.params
         from abalone.study import search_space
 
-        space, fixed = search_space(dict(sweeper.params), [])
+        space, fixed, written = search_space(dict(sweeper.params), [])
         assert len(space) == len(sweeper.params) and not fixed
+        assert written == dict(sweeper.params)  # the sweep file's expressions, as written
+    space, fixed, written = search_space({"model": "choice(baseline, wide)"},
+                                         ["model=wide,deep", "trainer.epochs=3"])
+    assert written == {"model": "wide,deep"} and fixed == ["trainer.epochs=3"]
 
 
 def trial_pids(study: optuna.Study) -> set[int]:

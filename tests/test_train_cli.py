@@ -41,6 +41,9 @@ def assert_complete_run(tracking_uri: str, data_file, params: dict[str, str], mo
         assert np.isfinite(run.data.metrics[key]), key
     for key, value in {**params, "trainer.epochs": str(epochs)}.items():
         assert run.data.params[key] == value, key
+    # Each config group's choice, under the group's name.
+    assert {"model", "optimizer", "data", "trainer", "tracking", "output"} <= set(run.data.params)
+    assert not any(key.startswith("hydra") for key in run.data.params)
     assert {"model.depth", "model.dropout", "data.split_seed", "trainer.batch_size",
             "tracking.uri", "tracking.registered_model"} <= set(run.data.params)
     assert run.data.params["tracking.experiment"] == EXPERIMENT
@@ -74,11 +77,13 @@ def test_run_is_tracked_in_local_sqlite(tmp_path, data_file, monkeypatch):
     assert done.returncode == 0, done.stderr[-3000:]
     monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
     run_id = assert_complete_run("sqlite:///mlflow.db", data_file,
-                                 {"model.units": "256", "optimizer.lr": "0.01"}, monkeypatch)
+                                 {"model": "wide", "model.units": "256", "optimizer": "adam",
+                                  "tracking": "local", "optimizer.lr": "0.01"}, monkeypatch)
     out = done.stdout + done.stderr
     assert "epoch 1/2" in out and "epoch 2/2" in out
     assert f"MLflow run id: {run_id}" in out
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+    assert ("mlflow ui --backend-store-uri sqlite:///mlflow.db, then http://127.0.0.1:5000/#/"
+            "experiments/1/runs?workflowType=machine_learning") in out
     assert "absl::InitializeLog" not in out and "cuda" not in out.lower()
     assert "Warning" not in out  # e.g. Keras's about shuffling a tf.data pipeline
 
@@ -103,9 +108,12 @@ def test_default_run_is_tracked_on_an_mlflow_server(tmp_path, data_file, mlflow_
     done = run_cli([*TINY, "tracking=server", f"tracking.uri={mlflow_server}"], cwd=tmp_path,
                    data=data_file)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_complete_run(mlflow_server, data_file, {"model.units": "128", "optimizer.lr": "0.01"},
+    assert_complete_run(mlflow_server, data_file, {"model": "mlp", "model.units": "128",
+                                                   "tracking": "server", "optimizer.lr": "0.01"},
                         monkeypatch)
-    assert f"look: {mlflow_server}" in done.stdout + done.stderr
+    out = done.stdout + done.stderr
+    assert f"look: {mlflow_server}/#/experiments/1/runs?workflowType=machine_learning\n" in out
+    assert "View run" not in out and "list index out of range" not in out
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -177,3 +185,40 @@ def test_console_script_and_help_are_instant(tmp_path):
     assert "model: baseline, deep, mlp, wide" in done.stdout
     assert "sweep: quick, search" in done.stdout and "tracking: local, sagemaker, server" in done.stdout
     assert time.monotonic() - start < 10
+
+
+def test_only_the_sagemaker_plugins_header_warning_is_quiet(monkeypatch):
+    """The sagemaker-mlflow plugin's header provider fails on every request to a non-ARN URI;
+    that warning is dropped, another provider's still shows."""
+    import logging
+
+    from mlflow.tracking.request_header import registry
+    from mlflow.tracking.request_header.abstract_request_header_provider import (
+        RequestHeaderProvider)
+
+    import abalone.tracking  # noqa: F401 - installs the filter
+
+    class Broken(RequestHeaderProvider):
+        def in_context(self):
+            return True
+
+        def request_headers(self):
+            raise RuntimeError("another provider's error")
+
+    providers = registry._request_header_provider_registry
+    assert any(type(p).__module__.startswith("sagemaker_mlflow.") for p in providers)
+    monkeypatch.setattr(providers, "_registry", [*providers._registry, Broken()])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("mlflow.tracking.request_header.registry")
+    logger.addHandler(handler)
+    previous_uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri("http://127.0.0.1:5000")
+        registry.resolve_request_headers()
+    finally:
+        logger.removeHandler(handler)
+        mlflow.set_tracking_uri(previous_uri)
+    assert [r.getMessage() for r in records] == [
+        "Encountered unexpected error during resolving request headers: another provider's error"]

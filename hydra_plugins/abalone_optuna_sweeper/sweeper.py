@@ -75,7 +75,8 @@ class _Sweep:
         from abalone.config import ConfigError, check_ranges
 
         s = self.s
-        self.space, self.fixed = study.search_space(OmegaConf.to_container(s.params), self.arguments)
+        self.space, self.fixed, self.space_written = study.search_space(
+            OmegaConf.to_container(s.params), self.arguments)
         if not self.space:
             raise ConfigError("nothing to sweep: select a sweep (sweep=quick) or give values to "
                               "try on the command line (model=wide,deep optimizer.lr=0.001,0.01)")
@@ -126,10 +127,10 @@ class _Sweep:
         self.client = None
         self.parent_run_id = None
         if self.tracking_cfg.enabled:
-            experiment_id = tracking.connect(self.tracking_cfg)
+            self.experiment_id = tracking.connect(self.tracking_cfg)
             self.client = mlflow.MlflowClient()
             self.parent_run_id = os.environ.get(PARENT_ENV) or tracking.open_parent_run(
-                self.client, experiment_id, self.study_name, self.storage_label,
+                self.client, self.experiment_id, self.study_name, self.storage_label,
                 self.settings_params())
 
     def default_study_name(self) -> str:
@@ -139,6 +140,9 @@ class _Sweep:
         return f"{self.s.sweep_name or 'grid'}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
     def settings_params(self) -> dict[str, str]:
+        """The parent run's params: the settings that apply and the search space as written."""
+        from abalone.study import SETTINGS_USED
+
         s = self.s
         params = {"sweep.name": str(s.sweep_name), "sweep.study_name": self.study_name,
                   "sweep.storage": self.storage_label, "sweep.metric": s.metric,
@@ -146,9 +150,10 @@ class _Sweep:
                   "sweep.n_jobs": str(s.n_jobs), "sweep.max_failures": str(s.max_failures),
                   "sweep.fixed_overrides": " ".join(self.fixed)}
         for group in ("sampler", "pruner"):
-            for key, value in OmegaConf.to_container(s[group], enum_to_str=True).items():
-                params[f"sweep.{group}.{key}"] = str(value)
-        params.update({f"sweep.space.{k}": repr(v) for k, v in self.space.items()})
+            conf = OmegaConf.to_container(s[group], enum_to_str=True)
+            for key in ("name", *SETTINGS_USED[conf["name"]]):
+                params[f"sweep.{group}.{key}"] = str(conf[key])
+        params.update({f"sweep.space.{k}": v for k, v in self.space_written.items()})
         return params
 
     # -- the trials ---------------------------------------------------------------------------
@@ -311,7 +316,9 @@ class _Sweep:
         log.info("trial %3d  %-8s  %s %s  %s  %.1fs%s", number, state, self.s.metric, shown,
                  best_text, seconds, reason)
         if self.client and best is not None:
-            self.client.log_metric(self.parent_run_id, f"best_{self.s.metric}", best.value,
+            from abalone.study import BEST_OBJECTIVE
+
+            self.client.log_metric(self.parent_run_id, BEST_OBJECTIVE, best.value,
                                    step=self.finished_count())
 
     # -- the end: best trial, plots, registration ---------------------------------------------
@@ -320,6 +327,7 @@ class _Sweep:
         from optuna.trial import TrialState
 
         from abalone import tracking
+        from abalone.study import BEST_OBJECTIVE
 
         tally = {state.name: 0 for state in TrialState}
         for trial in self.study.get_trials(deepcopy=False):
@@ -350,7 +358,7 @@ class _Sweep:
 
         now = int(time.time() * 1000)
         metrics = [Metric(f"trials_{key.lower()}", count, now, 0) for key, count in tally.items()]
-        metrics.append(Metric(f"best_{self.s.metric}", best.value, now, self.finished_count()))
+        metrics.append(Metric(BEST_OBJECTIVE, best.value, now, self.finished_count()))
         if "test_rmse" in best_run.data.metrics:
             metrics.append(Metric("best_trial_test_rmse", best_run.data.metrics["test_rmse"],
                                   now, 0))
@@ -372,7 +380,8 @@ class _Sweep:
             log.info("%s", message)
             client.set_tag(parent, "registration", message)
         client.set_terminated(parent, "FINISHED")
-        log.info("look: %s", tracking.where_to_look())
+        log.info("look: %s", tracking.where_to_look(
+            self.experiment_id, f"tags.`optuna.study_name` = '{self.study_name}'"))
 
     def print_table(self, complete) -> None:
         reverse = self.direction == "maximize"
