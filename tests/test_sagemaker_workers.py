@@ -20,14 +20,13 @@ import optuna
 import pytest
 from botocore.stub import ANY, Stubber
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 
 from conftest import REPO, free_port, run_cli, stop, wait_for_http
 from test_aws import allows
 from test_container import build_image, podman, podman_env, standin_base  # noqa: F401 (fixtures)
 
 from abalone import aws
-from abalone.config import ConfigError, SageMakerWorkersConf
+from abalone.config import ConfigError
 from abalone.study import make_storage
 
 IMAGE = "localhost/abalone-dlc-fleet-test:latest"
@@ -290,6 +289,23 @@ def test_a_failed_start_stops_the_jobs_it_created():
     assert len(workers.jobs) == 1
 
 
+def test_every_host_of_every_job_gets_a_rank_of_its_own(tmp_path, monkeypatch):
+    from abalone import container
+
+    workers = aws.SageMakerWorkers(**{**SETTINGS, "count": 2, "instance_count": 2})
+    first_ranks = [r["Environment"]["ABALONE_SWEEP_WORKER_RANK"]
+                   for r in workers.requests(["hydra.sweeper.study_name=q"], {})]
+    assert first_ranks == ["1", "3"]
+    monkeypatch.setattr(container, "RESOURCE_CONFIG", tmp_path / "resourceconfig.json")
+    ranks = []
+    for first in first_ranks:
+        for host in ("algo-1", "algo-2"):
+            container.RESOURCE_CONFIG.write_text(json.dumps(
+                {"current_host": host, "hosts": ["algo-2", "algo-1"]}))
+            ranks.append(container.host_rank(first))
+    assert ranks == ["1", "2", "3", "4"]
+
+
 @pytest.mark.parametrize("settings, words", [
     ({"count": 0}, "workers.count must be in [1, 999]"),
     ({"spot": True, "max_wait_seconds": 60}, "workers.max_wait_seconds must be >= "
@@ -303,18 +319,23 @@ def test_bad_worker_settings_name_their_key(settings, words):
         aws.SageMakerWorkers(**{**SETTINGS, **settings})
 
 
-def test_the_config_file_matches_its_schema_and_instantiates():
+def test_the_config_file_composes_on_its_schema_and_instantiates():
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
     from hydra.utils import instantiate
 
-    text = (REPO / "conf/workers/sagemaker.yaml").read_text()
-    file = OmegaConf.create(text)
-    assert list(file.pop("defaults")) == ["sagemaker_schema", "_self_"]
-    conf = OmegaConf.merge(OmegaConf.structured(SageMakerWorkersConf), file, {
-        "image_uri": IMAGE, "role_arn": ROLE, "output_s3_uri": "s3://b/p"})
-    workers = instantiate(conf)
-    assert isinstance(workers, aws.SageMakerWorkers) and workers.count == 2
-    with pytest.raises(Exception, match="instance_typo"):
-        OmegaConf.merge(OmegaConf.structured(SageMakerWorkersConf), {"instance_typo": "x"})
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="workers/sagemaker", overrides=[
+            f"workers.image_uri={IMAGE}", f"workers.role_arn={ROLE}",
+            "workers.output_s3_uri=s3://b/p", "workers.subnets=[subnet-a,subnet-b]",
+            "workers.security_group_ids=[sg-a]", "workers.count=3"])
+        for typo in ("workers.instance_typo=1", "workers.count=many"):
+            with pytest.raises(ConfigCompositionException, match=typo.split("=")[0]):
+                compose(config_name="workers/sagemaker", overrides=[typo])
+    workers = instantiate(cfg.workers)
+    assert isinstance(workers, aws.SageMakerWorkers)
+    assert (workers.count, workers.subnets, workers.security_group_ids, workers.instance_type) == (
+        3, ["subnet-a", "subnet-b"], ["sg-a"], "ml.m5.large")
 
 
 @pytest.mark.parametrize("storage, secret, words", [
