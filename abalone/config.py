@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -108,6 +108,34 @@ class OutputConfig:
     # s3://bucket/prefix: each run's output folder (model, config, plots) is uploaded to
     # s3://bucket/prefix/<MLflow run id>/ after training.
     s3_uri: Optional[str] = None
+
+
+@dataclass
+class SageMakerWorkersConf:
+    """workers=sagemaker: `count` SageMaker training jobs of our image, each host a worker
+    (conf/workers/sagemaker.yaml; the request is built and checked in abalone/aws.py)."""
+
+    _target_: str = "abalone.aws.SageMakerWorkers"
+    count: int = 2  # training jobs
+    image_uri: str = MISSING  # our image in ECR (scripts/push_image.sh prints it)
+    role_arn: str = MISSING  # the jobs' execution role (iam/sagemaker-worker-policy.json)
+    output_s3_uri: str = MISSING  # s3://bucket/prefix: each job's /opt/ml/model goes there
+    data_s3_uri: Optional[str] = None  # s3://... holding abalone.data: the `training` channel
+    region: Optional[str] = None  # null: the AWS settings' region
+    instance_type: str = "ml.m5.large"
+    instance_count: int = 1  # hosts per job; each is a worker with a rank of its own
+    volume_size_gb: int = 30
+    max_runtime_seconds: int = 86400  # each job's time budget (StoppingCondition)
+    spot: bool = False  # managed spot training
+    max_wait_seconds: Optional[int] = None  # spot only: runtime plus waiting; null: 2x runtime
+    subnets: List[str] = field(default_factory=list)  # VpcConfig, to reach the database
+    security_group_ids: List[str] = field(default_factory=list)
+    job_name_prefix: str = "abalone"  # jobs: PREFIX-STUDY-TIME-N (the IAM policy names abalone-*)
+    tags: Dict[str, str] = field(default_factory=dict)  # besides abalone:study
+    environment: Dict[str, str] = field(default_factory=dict)  # more variables; never secrets
+
+
+ConfigStore.instance().store(group="workers", name="sagemaker_schema", node=SageMakerWorkersConf)
 
 
 @dataclass

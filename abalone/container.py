@@ -9,7 +9,9 @@ One entry point for both ways the image runs:
   `{"model": "wide", "trainer.epochs": "20"}` trains `model=wide trainer.epochs=20`, and
   `{"hydra.mode": "MULTIRUN", "sweep": "quick"}` runs a sweep), outputs go to /opt/ml/model, and a
   failure's reason goes to /opt/ml/output/failure, which SageMaker shows as the job's
-  FailureReason. A job's `ContainerArguments` arrive as plain arguments, as on EC2.
+  FailureReason. A job's `ContainerArguments` arrive as plain arguments, as on EC2. A fleet worker
+  (workers=sagemaker) on a job of several hosts adds its host's place in
+  /opt/ml/input/config/resourceconfig.json to the job's first rank.
 
 Training runs in a child process whose stderr passes through line by line (the job's log) and
 whose last lines become the failure reason. SIGTERM (`docker stop`, SageMaker's StopTrainingJob)
@@ -27,9 +29,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hydra_plugins.abalone_optuna_sweeper.sweeper import RANK_ENV
+
 SAGEMAKER = Path("/opt/ml")
 CHANNEL = SAGEMAKER / "input" / "data" / "training"
 HYPERPARAMETERS = SAGEMAKER / "input" / "config" / "hyperparameters.json"
+RESOURCE_CONFIG = SAGEMAKER / "input" / "config" / "resourceconfig.json"
 MODEL_DIR = SAGEMAKER / "model"
 FAILURE = SAGEMAKER / "output" / "failure"
 REASON_LIMIT = 1024  # SageMaker keeps the first 1024 characters of a FailureReason
@@ -80,6 +85,16 @@ def training_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "abalone.train", *argv]
 
 
+def host_rank(rank: str) -> str:
+    """A fleet worker's rank on this host of a multi-host job: the job's first rank plus the
+    host's place among the job's hosts, so every host seeds its sampler differently."""
+    try:
+        hosts = json.loads(RESOURCE_CONFIG.read_text())
+        return str(int(rank) + sorted(hosts["hosts"]).index(hosts["current_host"]))
+    except (OSError, ValueError, KeyError):  # no resource config (not SageMaker): as given
+        return rank
+
+
 def write_failure(reason: str) -> None:
     """Leave the reason where SageMaker reads it; elsewhere (no writable /opt/ml/output) skip."""
     try:
@@ -102,6 +117,8 @@ def main(argv: list[str]) -> int:
     if CHANNEL.is_dir():
         os.environ.setdefault("SM_CHANNEL_TRAINING", str(CHANNEL))
     os.environ.setdefault("SM_MODEL_DIR", str(MODEL_DIR))
+    if RANK_ENV in os.environ:
+        os.environ[RANK_ENV] = host_rank(os.environ[RANK_ENV])
     try:
         command = training_command(argv)
     except StartError as err:

@@ -103,12 +103,26 @@ def trial_overrides(params: dict[str, Any]) -> list[str]:
     return [f"{key}={value}" for key, value in params.items()]
 
 
-def make_storage(storage: str) -> optuna.storages.BaseStorage:
+def make_storage(storage: str,
+                 password_secret: str | None = None) -> optuna.storages.BaseStorage:
+    """The study's storage; `password_secret` (a Secrets Manager ARN) supplies the database
+    login, read here in every process, so no URL or command line carries the password."""
+    if password_secret and "://" not in storage:
+        raise ConfigError("hydra.sweeper.storage_password_secret is for a database storage "
+                          f"(postgresql+psycopg2://...), not the file {storage}")
     if "://" in storage:
+        engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if password_secret:
+            from abalone.aws import secret_login
+
+            user, password = secret_login(password_secret)
+            # The driver's own arguments: the URL (which Optuna and logs may show) stays clean.
+            engine_kwargs["connect_args"] = {"password": password, **({"user": user}
+                                                                      if user else {})}
         # Processes starting at once may race to create Optuna's tables; the loser retries.
         for attempt in range(3):
             try:
-                return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+                return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
             except Exception:  # sqlalchemy's IntegrityError/ProgrammingError, among others
                 if attempt == 2:
                     raise

@@ -57,7 +57,9 @@ def frameworks() -> dict[str, dict[str, str]]:
 
 def requirements_left_to_pip(project: Path, image: dict[str, dict[str, str]]) -> list[str]:
     """Our requirements minus those the image's frameworks meet; fail if one does not."""
-    declared = tomllib.loads((project / "pyproject.toml").read_text())["project"]["dependencies"]
+    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    # The image is also a fleet worker (workers=container/sagemaker), whose study is PostgreSQL.
+    declared = meta["dependencies"] + meta.get("optional-dependencies", {}).get("postgres", [])
     left = []
     for line in declared:
         requirement = Requirement(line)

@@ -20,6 +20,7 @@
 #   IMAGE         our image's tag (default abalone-dlc:latest)
 #   DATA_DIR, OUTPUT_DIR (default ./data, ./output), GPUS (e.g. all), NETWORK (default host)
 #   DRY_RUN       1: print the build and run commands instead of running them
+#   BUILD_ONLY    1: build the image and stop (scripts/push_image.sh builds so)
 #
 # AWS credentials reach the container as variables passed by name (their values never appear on a
 # command line or in the image), or as ~/.aws mounted read-only at the container's $HOME/.aws; on
@@ -74,8 +75,11 @@ case "${DLC_REGISTRY:-public}" in
     *) echo "error: DLC_REGISTRY must be public or private, not ${DLC_REGISTRY}" >&2; exit 2 ;;
 esac
 
-mkdir -p "$DATA_DIR" "$OUTPUT_DIR"
-if [ ! -f "$DATA_DIR/abalone.data" ]; then
+BUILD_ONLY="${BUILD_ONLY:-0}"
+if [ "$BUILD_ONLY" != 1 ]; then
+    mkdir -p "$DATA_DIR" "$OUTPUT_DIR"
+fi
+if [ "$BUILD_ONLY" != 1 ] && [ ! -f "$DATA_DIR/abalone.data" ]; then
     echo "fetching the Abalone data into $DATA_DIR ..."
     curl --fail --silent --show-error --location "$DATA_URL" -o "$DATA_DIR/abalone.data.part"
     echo "$DATA_SHA256  $DATA_DIR/abalone.data.part" | sha256sum --check --quiet -
@@ -95,6 +99,9 @@ if ! $ENGINE image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
 fi
 echo "building $IMAGE on $BASE_IMAGE with $ENGINE ..." >&2
 $ENGINE build --network "$NETWORK" --build-arg BASE_IMAGE="$BASE_IMAGE" --tag "$IMAGE" "$ROOT"
+if [ "$BUILD_ONLY" = 1 ]; then
+    exit 0
+fi
 
 run_args=(--rm --network "$NETWORK"
           --volume "$DATA_DIR:/opt/ml/input/data/training:ro" --volume "$OUTPUT_DIR:/opt/ml/model"

@@ -144,7 +144,9 @@ REST_ACTIONS = json.loads((IAM / "mlflow-rest-actions.json").read_text())
 # Values for the policies' placeholders that make them name this file's fake resources.
 PLACEHOLDERS = {"PARTITION": "aws", "REGION": "us-east-1", "ACCOUNT_ID": "123456789012",
                 "TRACKING_SERVER_NAME": "abalone-test", "MLFLOW_APP_ID": "app-abalonetest",
-                "ARTIFACT_BUCKET": "abalone-bucket", "DLC_ACCOUNT_ID": "763104351884"}
+                "ARTIFACT_BUCKET": "abalone-bucket", "DLC_ACCOUNT_ID": "763104351884",
+                "WORKER_ROLE_NAME": "abalone-sagemaker-worker",
+                "DB_SECRET_NAME": "abalone-optuna-db", "ECR_REPOSITORY": "abalone-dlc"}
 APP_ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-app/app-abalonetest"
 
 
@@ -290,7 +292,8 @@ def test_iam_policies_name_only_actions_in_the_reference():
     assert "sagemaker-mlflow:CreateLoggedModel" not in known
     policies = [p for p in sorted(IAM.glob("*.json")) if "Statement" in json.loads(p.read_text())]
     assert {"mlflow-training-policy.json", "mlflow-app-training-policy.json",
-            "ecr-pull-policy.json", "trust-ec2.json"} <= {p.name for p in policies}
+            "ecr-pull-policy.json", "trust-ec2.json", "sagemaker-fleet-policy.json",
+            "sagemaker-worker-policy.json"} <= {p.name for p in policies}
     for policy in policies:
         for st in statements(policy.name):
             unknown = sorted(set(st["Action"]) - known)

@@ -55,14 +55,17 @@ def standin_base(podman_env) -> str:
     return tag
 
 
+def build_image(env: dict, base: str, tag: str) -> str:
+    """The project's Dockerfile, unchanged, on `base`."""
+    built = podman(env, "build", "--network=host", "--build-arg", f"BASE_IMAGE={base}", "--tag",
+                   tag, str(REPO), timeout=1800, check=False)
+    assert built.returncode == 0, (built.stdout + built.stderr)[-4000:]
+    return tag
+
+
 @pytest.fixture(scope="session")
 def project_image(standin_base, podman_env) -> str:
-    """The project's Dockerfile, unchanged, on the stand-in."""
-    built = podman(podman_env, "build", "--network=host", "--build-arg",
-                   f"BASE_IMAGE={standin_base}", "--tag", IMAGE, str(REPO), timeout=1800,
-                   check=False)
-    assert built.returncode == 0, (built.stdout + built.stderr)[-4000:]
-    return IMAGE
+    return build_image(podman_env, standin_base, IMAGE)
 
 
 def freeze(env: dict, image: str) -> dict[str, str]:

@@ -60,6 +60,10 @@ class AbaloneOptunaSweeperConf:
     # A file path (Optuna journal file, safe for processes on one machine) or an SQLAlchemy URL
     # (postgresql://..., for several hosts).
     storage: str = "optuna-studies.journal"
+    # A Secrets Manager secret ARN holding the database password (plain, or RDS's JSON with
+    # username and password): read by every process that opens the storage, so the password is
+    # in no URL, command line or training job request.
+    storage_password_secret: Optional[str] = None
     # A RUNNING trial whose process on this host is gone, or (other hosts) whose heartbeat is
     # older than this many seconds, is failed and its parameters retried.
     stale_after: int = 600

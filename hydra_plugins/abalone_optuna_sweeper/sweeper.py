@@ -109,7 +109,8 @@ class _Sweep:
         import optuna
 
         self.study = optuna.create_study(
-            study_name=self.study_name, storage=study.make_storage(s.storage),
+            study_name=self.study_name,
+            storage=study.make_storage(s.storage, s.storage_password_secret),
             sampler=study.make_sampler(s.sampler, self.space, self.rank),
             pruner=study.make_pruner(s.pruner, self.epochs), direction=self.direction,
             load_if_exists=True)
