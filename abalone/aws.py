@@ -257,6 +257,7 @@ class SageMakerWorkers:
         self.job_name_prefix = job_name_prefix
         self.tags, self.environment = dict(tags or {}), dict(environment or {})
         self.jobs: list[str] = []
+        self.logs = "CloudWatch Logs, group /aws/sagemaker/TrainingJobs"  # for messages
         self.done: set[str] = set()  # jobs that ended or were stopped: stop() leaves them
         self._client = None
 

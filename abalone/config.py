@@ -111,7 +111,7 @@ class OutputConfig:
 
 
 @dataclass
-class SageMakerWorkersConf:
+class SageMakerWorkersConfig:
     """workers=sagemaker: `count` SageMaker training jobs of our image, each host a worker
     (conf/workers/sagemaker.yaml; the request is built and checked in abalone/aws.py)."""
 
@@ -135,7 +135,29 @@ class SageMakerWorkersConf:
     environment: Dict[str, str] = field(default_factory=dict)  # more variables; never secrets
 
 
-ConfigStore.instance().store(group="workers", name="sagemaker_schema", node=SageMakerWorkersConf)
+@dataclass
+class LocalWorkersConfig:
+    """Trials in `hydra.sweeper.n_jobs` processes on this machine, the command's own one of them."""
+
+    _target_: str = "abalone.fleet.LocalWorkers"
+
+
+@dataclass
+class ContainerWorkersConfig:
+    """`count` containers of our image on this machine (scripts/run_training.sh starts each)."""
+
+    _target_: str = "abalone.fleet.ContainerWorkers"
+    count: int = 2
+    engine: Optional[str] = None  # docker or podman; null: docker if installed, else podman
+    image: str = "abalone-dlc:latest"
+    build: bool = True  # build `image` from the Dockerfile first; false: use it as it is
+    base_image: Optional[str] = None  # null: the Dockerfile's (ARG BASE_IMAGE)
+    # Holds abalone.data, mounted as the training channel; null: the project's ./data (fetched
+    # and checked by sha256 when absent, as run_training.sh does).
+    data_dir: Optional[str] = None
+    # Each worker's outputs (its container's /opt/ml/model) and log, in a folder of its own.
+    output_dir: str = "${hydra:sweep.dir}/workers"
+    stop_timeout: int = 60  # seconds a stopped container has to fail its trial and exit
 
 
 @dataclass
@@ -146,9 +168,15 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # Where a sweep's trials run (conf/workers/); each option's schema is `<option>_schema`.
+    workers: Any = MISSING
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
+ConfigStore.instance().store(group="workers", name="local_schema", node=LocalWorkersConfig)
+ConfigStore.instance().store(group="workers", name="container_schema",
+                             node=ContainerWorkersConfig)
+ConfigStore.instance().store(group="workers", name="sagemaker_schema", node=SageMakerWorkersConfig)
 
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:

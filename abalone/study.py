@@ -21,6 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -29,17 +30,37 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
                                   IntDistribution)
 from optuna.trial import FrozenTrial, TrialState
 
-from abalone.config import ConfigError
+from abalone.config import AbaloneError, ConfigError
+from abalone.tracking import redact
 
 # Samplers' multivariate and constant-liar modes are "experimental" but long stable.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 HOST = socket.gethostname()
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        return ""
+
+
+# Pids compare only within one PID namespace: containers on one host share its name (host
+# network) but each has pids of its own.
+PID_NAMESPACE = _pid_namespace()
 # Metric names: a trial's objective (the sweep's metric for the weights it keeps, or the value it
 # was pruned at), and the parent run's best objective so far. Names of their own, so sorting the
 # runs table by them ranks trials as the sweep did, and the parent does not sort among them.
 OBJECTIVE = "objective"
 BEST_OBJECTIVE = "best_objective"
+CONNECT_TIMEOUT = 5  # seconds to reach a database storage
+
+
+class StorageError(AbaloneError):
+    """The study's storage cannot be opened; the message names it without its password."""
+
+
 OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -111,18 +132,26 @@ def make_storage(storage: str,
         raise ConfigError("hydra.sweeper.storage_password_secret is for a database storage "
                           f"(postgresql+psycopg2://...), not the file {storage}")
     if "://" in storage:
-        engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        import sqlalchemy.exc
+
+        connect_args: dict[str, Any] = {}
+        if storage.startswith("postgresql"):  # an unreachable server fails in seconds, not minutes
+            connect_args["connect_timeout"] = CONNECT_TIMEOUT
         if password_secret:
             from abalone.aws import secret_login
 
             user, password = secret_login(password_secret)
             # The driver's own arguments: the URL (which Optuna and logs may show) stays clean.
-            engine_kwargs["connect_args"] = {"password": password, **({"user": user}
-                                                                      if user else {})}
+            connect_args.update(password=password, **({"user": user} if user else {}))
+        engine_kwargs: dict[str, Any] = {"pool_pre_ping": True, "connect_args": connect_args}
         # Processes starting at once may race to create Optuna's tables; the loser retries.
         for attempt in range(3):
             try:
                 return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+            except sqlalchemy.exc.OperationalError as err:  # cannot connect: no use retrying
+                raise StorageError(f"cannot open the Optuna storage {redact(storage)} (config "
+                                   f"key hydra.sweeper.storage): {_first_line(err, storage)}"
+                                   ) from None
             except Exception:  # sqlalchemy's IntegrityError/ProgrammingError, among others
                 if attempt == 2:
                     raise
@@ -130,6 +159,13 @@ def make_storage(storage: str,
     path = Path(storage).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def _first_line(error: Exception, storage: str) -> str:
+    """The driver's reason (psycopg2's first line), with any password in the URL masked."""
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines() or [type(error).__name__]
+    password = urlsplit(storage).password
+    return lines[0].replace(password, "***") if password else lines[0]
 
 
 # The sampler's and pruner's settings each one uses (the others are ignored and not logged).
@@ -213,6 +249,7 @@ def fail_and_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> No
 def mark_owner(trial: optuna.Trial) -> None:
     trial.set_user_attr("host", HOST)
     trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("pid_namespace", PID_NAMESPACE)
     trial.set_user_attr("heartbeat", time.time())
 
 
@@ -234,7 +271,8 @@ def fail_stale_trials(study: optuna.Study, stale_after: float,
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        here = attrs.get("host") == HOST and attrs.get("pid")
+        here = (attrs.get("host") == HOST and attrs.get("pid_namespace") == PID_NAMESPACE
+                and attrs.get("pid"))
         if here and attrs["pid"] == os.getpid():
             continue
         beat = attrs.get("heartbeat") or trial.datetime_start.timestamp()

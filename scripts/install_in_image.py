@@ -36,6 +36,8 @@ except ImportError:  # Python 3.10
 
 FRAMEWORK_MODULES = ("tensorflow", "keras", "numpy")
 SNAPSHOT = ".image-frameworks.json"  # in the project folder: the image's frameworks before us
+# Extras the image carries: its containers are a fleet's workers, whose study is in PostgreSQL.
+IMAGE_EXTRAS = ("postgres",)
 
 
 class GuardError(Exception):
@@ -56,10 +58,12 @@ def frameworks() -> dict[str, dict[str, str]]:
 
 
 def requirements_left_to_pip(project: Path, image: dict[str, dict[str, str]]) -> list[str]:
-    """Our requirements minus those the image's frameworks meet; fail if one does not."""
-    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
-    # The image is also a fleet worker (workers=container/sagemaker), whose study is PostgreSQL.
-    declared = meta["dependencies"] + meta.get("optional-dependencies", {}).get("postgres", [])
+    """Our requirements (and IMAGE_EXTRAS') minus those the image's frameworks meet; fail if one
+    does not."""
+    metadata_table = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    declared = metadata_table["dependencies"] + [
+        line for extra in IMAGE_EXTRAS
+        for line in metadata_table.get("optional-dependencies", {}).get(extra, [])]
     left = []
     for line in declared:
         requirement = Requirement(line)

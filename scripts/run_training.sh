@@ -19,8 +19,12 @@
 #   AWS_REGION    the region (default us-east-1), for DLC_REGISTRY=private and the container
 #   IMAGE         our image's tag (default abalone-dlc:latest)
 #   DATA_DIR, OUTPUT_DIR (default ./data, ./output), GPUS (e.g. all), NETWORK (default host)
+#   BUILD         0: run IMAGE as it is, without building it (or pulling the base)
+#   RUN           0: stop after the data and the build (a fleet prepares once, then starts many)
+#   NAME          the container's name
+#   ENV_NAMES     more variables to pass to the container by name (space-separated)
 #   DRY_RUN       1: print the build and run commands instead of running them
-#   BUILD_ONLY    1: build the image and stop (scripts/push_image.sh builds so)
+#   BUILD_ONLY    1: build the image and stop, without the data (scripts/push_image.sh)
 #
 # AWS credentials reach the container as variables passed by name (their values never appear on a
 # command line or in the image), or as ~/.aws mounted read-only at the container's $HOME/.aws; on
@@ -89,27 +93,32 @@ fi
 if [ "${DRY_RUN:-0}" = 1 ]; then
     ENGINE="echo $ENGINE"  # word-split on purpose: prints each command instead of running it
 fi
-if ! $ENGINE image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-    if [[ "$BASE_IMAGE" =~ ^[0-9]{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/ ]]; then
-        echo "logging in to ${BASE_IMAGE%%/*} ..."
-        aws ecr get-login-password --region "${BASH_REMATCH[1]}" \
-            | $ENGINE login --username AWS --password-stdin "${BASE_IMAGE%%/*}"
+if [ "${BUILD:-1}" != 0 ]; then
+    if ! $ENGINE image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+        if [[ "$BASE_IMAGE" =~ ^[0-9]{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/ ]]; then
+            echo "logging in to ${BASE_IMAGE%%/*} ..."
+            aws ecr get-login-password --region "${BASH_REMATCH[1]}" \
+                | $ENGINE login --username AWS --password-stdin "${BASE_IMAGE%%/*}"
+        fi
+        $ENGINE pull "$BASE_IMAGE"
     fi
-    $ENGINE pull "$BASE_IMAGE"
+    echo "building $IMAGE on $BASE_IMAGE with $ENGINE ..." >&2
+    $ENGINE build --network "$NETWORK" --build-arg BASE_IMAGE="$BASE_IMAGE" --tag "$IMAGE" "$ROOT"
 fi
-echo "building $IMAGE on $BASE_IMAGE with $ENGINE ..." >&2
-$ENGINE build --network "$NETWORK" --build-arg BASE_IMAGE="$BASE_IMAGE" --tag "$IMAGE" "$ROOT"
-if [ "$BUILD_ONLY" = 1 ]; then
+if [ "${RUN:-1}" = 0 ] || [ "$BUILD_ONLY" = 1 ]; then
     exit 0
 fi
 
 run_args=(--rm --network "$NETWORK"
           --volume "$DATA_DIR:/opt/ml/input/data/training:ro" --volume "$OUTPUT_DIR:/opt/ml/model"
           --env "AWS_REGION=$REGION" --env HOME=/home/abalone)
+if [ -n "${NAME:-}" ]; then
+    run_args+=(--name "$NAME")
+fi
 for name in AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_PROFILE \
             AWS_DEFAULT_REGION AWS_ENDPOINT_URL AWS_CA_BUNDLE MLFLOW_TRACKING_URI \
-            MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD MLFLOW_S3_ENDPOINT_URL \
-            SAGEMAKER_MLFLOW_ASSUME_ROLE_ARN SAGEMAKER_MLFLOW_CUSTOM_ENDPOINT; do
+            MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD MLFLOW_S3_ENDPOINT_URL PGPASSWORD \
+            SAGEMAKER_MLFLOW_ASSUME_ROLE_ARN SAGEMAKER_MLFLOW_CUSTOM_ENDPOINT ${ENV_NAMES:-}; do
     if [ -n "${!name:-}" ]; then
         run_args+=(--env "$name")  # by name: the engine copies the value from this environment
     fi

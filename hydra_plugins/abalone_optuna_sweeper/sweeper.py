@@ -5,6 +5,10 @@ the configured launcher in this process (TensorFlow stays warm between trials); 
 run reads its Optuna trial from `abalone.study.ACTIVE_TRIAL`. `n_jobs > 1` starts `n_jobs - 1`
 more processes running the same command against the same storage and parent run. The process
 that finishes the study last reports the best trial and registers its model.
+
+With remote workers (`workers=container`, abalone/fleet.py) this process only coordinates: it
+opens the study and the parent run, starts the workers, shows progress until they have ended,
+and registers the champion; Ctrl-C stops them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -29,8 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("abalone.sweep")
 
-PARENT_ENV = "ABALONE_SWEEP_PARENT_RUN_ID"  # set for the extra processes of n_jobs
-RANK_ENV = "ABALONE_SWEEP_WORKER_RANK"
+PARENT_ENV = "ABALONE_SWEEP_PARENT_RUN_ID"  # set for workers: extra processes, containers
+RANK_ENV = "ABALONE_SWEEP_WORKER_RANK"  # 1.. for workers, so their samplers differ
+PROGRESS_SECONDS = 2.0  # how often the coordinator of remote workers looks at the study
 
 
 class AbaloneOptunaSweeper(Sweeper):
@@ -65,6 +69,7 @@ class _Sweep:
         self.s = sweeper.settings
         self.arguments = arguments
         self.rank = int(os.environ.get(RANK_ENV, "0"))
+        self.is_worker = self.rank > 0
 
     # -- set-up: everything that can fail does so before the first trial --------------------
 
@@ -89,6 +94,7 @@ class _Sweep:
         check_ranges(base)
         data.load(data.resolve_path(base.data))
         self.tracking_cfg = base.tracking
+        self.prepare_workers(base)
         self.epochs = base.trainer.epochs
         sampler_name = str(getattr(s.sampler.name, "value", s.sampler.name))
         if s.n_trials is None:
@@ -130,9 +136,26 @@ class _Sweep:
         if self.tracking_cfg.enabled:
             self.experiment_id = tracking.connect(self.tracking_cfg)
             self.client = mlflow.MlflowClient()
-            self.parent_run_id = os.environ.get(PARENT_ENV) or tracking.open_parent_run(
+            self.parent_run_id = os.environ.get(PARENT_ENV) if self.is_worker else tracking.open_parent_run(
                 self.client, self.experiment_id, self.study_name, self.storage_label,
                 self.settings_params())
+
+    def prepare_workers(self, base) -> None:
+        """The workers object of `workers=...`; remote ones need a storage and tracking they reach."""
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.utils import instantiate
+
+        from abalone.fleet import LocalWorkers, check_remote
+
+        # For ${hydra:...} in the workers' settings (the launcher sets it only for each job).
+        HydraConfig.instance().set_config(self.sweeper.config)
+        self.workers_choice = self.sweeper.config.hydra.runtime.choices.get("workers", "local")
+        self.workers = LocalWorkers() if self.is_worker else instantiate(base.workers)
+        self.remote = not isinstance(self.workers, LocalWorkers)
+        if self.remote:
+            check_remote(self.workers_choice, self.s.storage, base.tracking)
+        else:
+            self.workers.count = 0 if self.is_worker else self.s.n_jobs - 1
 
     def default_study_name(self) -> str:
         """The sweep's name plus a digest of what defines the study, so reruns resume it."""
@@ -149,6 +172,7 @@ class _Sweep:
                   "sweep.storage": self.storage_label, "sweep.metric": s.metric,
                   "sweep.direction": self.direction, "sweep.n_trials": str(self.n_trials),
                   "sweep.n_jobs": str(s.n_jobs), "sweep.max_failures": str(s.max_failures),
+                  "sweep.workers": self.workers_choice,
                   "sweep.fixed_overrides": " ".join(self.fixed)}
         for group in ("sampler", "pruner"):
             conf = OmegaConf.to_container(s[group], enum_to_str=True)
@@ -173,49 +197,95 @@ class _Sweep:
             signal.default_int_handler(signum, frame)
 
         previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-        workers = self.start_workers()
         status = "FAILED"
         try:
-            self.run_trials()
+            self.start_workers()
+            if self.remote:
+                self.follow_workers()
+            else:
+                self.run_trials()
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
             signal.signal(signal.SIGINT, previous_handler)
-            for worker in workers:
-                if status != "FINISHED":
-                    worker.terminate()
-                worker.wait()
-            if status != "FINISHED" and self.client and not os.environ.get(PARENT_ENV):
+            if status != "FINISHED":
+                self.workers.stop()
+            elif not self.remote:  # remote ones have ended: follow_workers waited for them
+                self.workers.wait()
+            if status != "FINISHED" and self.client and not self.is_worker:
                 self.client.set_terminated(self.parent_run_id, status)
-        failed_workers = [w.args for w in workers if w.returncode]
-        if failed_workers:
+        failed_workers = [f"{name} {state}" for name, state in self.workers.poll().items()
+                          if state.startswith("failed")]
+        if failed_workers and not self.remote:
             from abalone.config import AbaloneError
 
             raise AbaloneError(f"{len(failed_workers)} worker process(es) failed; see their "
                                "output above")
-        if not os.environ.get(PARENT_ENV):
+        if not self.is_worker:
             self.finish()
 
-    def start_workers(self) -> list[subprocess.Popen]:
-        if os.environ.get(PARENT_ENV) or self.s.n_jobs == 1:
-            return []
-        # Share the cores: each process's TensorFlow would otherwise spread over all of them, and
-        # the processes would only take turns. Set before TensorFlow loads here; workers inherit.
-        threads = str(max(1, (os.cpu_count() or 1) // self.s.n_jobs))
-        for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
-            os.environ.setdefault(name, threads)
-        sweep_dir = Path(self.sweeper.config.hydra.sweep.dir).resolve()
-        argv = [a for a in sys.argv[1:] if not a.startswith("hydra.sweeper.n_jobs=")]
-        workers = []
-        for rank in range(1, self.s.n_jobs):
-            env = {**os.environ, RANK_ENV: str(rank), PARENT_ENV: self.parent_run_id or ""}
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "abalone.train", *argv, "hydra.sweeper.n_jobs=1",
-                 f"hydra.sweep.dir={sweep_dir}"], env=env))
-        log.info("started %d more trial processes", len(workers))
-        return workers
+    def start_workers(self) -> None:
+        if not self.workers.count:
+            return
+        if not self.remote:  # before TensorFlow loads here; the processes inherit it
+            from abalone.fleet import thread_share
+
+            for name, threads in thread_share(self.s.n_jobs).items():
+                os.environ.setdefault(name, threads)
+        # The user's command for one worker process: this study in this storage, its trials in
+        # the worker's own process. Local workers share this command's sweep folder.
+        replaced = ("hydra.sweeper.n_jobs=", "hydra.sweeper.study_name=",
+                    "hydra.sweeper.storage=", "hydra.sweep.dir=")
+        argv = [a for a in sys.argv[1:] if not a.startswith(replaced)
+                and not a.lstrip("+~").startswith(("workers=", "workers."))]
+        storage = self.s.storage.replace("\\", "\\\\").replace("'", "\\'")
+        argv += ["workers=local", "hydra.sweeper.n_jobs=1",
+                 f"hydra.sweeper.study_name={self.study_name}",
+                 f"hydra.sweeper.storage='{storage}'"]
+        if not self.remote:
+            argv.append(f"hydra.sweep.dir={Path(self.sweeper.config.hydra.sweep.dir).resolve()}")
+        self.workers.start(argv, {PARENT_ENV: self.parent_run_id or ""})
+        log.info("started %d %s", self.workers.count, f"{self.workers_choice} workers"
+                 if self.remote else "more trial processes")
+
+    def follow_workers(self) -> None:
+        """Until every remote worker has ended: fail the trials of workers that are gone, and
+        show a line of progress whenever it changes."""
+        from abalone import study
+        from abalone.config import AbaloneError
+
+        shown = None
+        while True:
+            states = self.workers.poll()
+            study.fail_stale_trials(self.study, self.s.stale_after, self.end_stale_run)
+            line = self.progress(states)
+            if line != shown:
+                log.info("%s", line)
+                shown = line
+            if "running" not in states.values():
+                break
+            time.sleep(PROGRESS_SECONDS)
+        trials = self.study.get_trials(deepcopy=False)
+        unfinished = [t.number for t in trials if t.state.name in ("RUNNING", "WAITING")]
+        if study.work_left(self.study, self.n_trials) or unfinished:
+            failed = [f"{name} {state}" for name, state in states.items() if state != "finished"]
+            raise AbaloneError(
+                f"the workers have ended before study {self.study_name!r} was complete ("
+                f"{self.finished_count()} of {self.n_trials} trials finished, trials "
+                f"{unfinished} unfinished); {'; '.join(failed) or 'none failed'}; their logs: "
+                f"{self.workers.logs}. Rerun the same command to resume the study.")
+
+    def progress(self, states: dict[str, str]) -> str:
+        from collections import Counter
+
+        count = Counter(t.state.name for t in self.study.get_trials(deepcopy=False)
+                        if not t.user_attrs.get("surplus"))
+        running = sum(state == "running" for state in states.values())
+        return (f"trials of {self.n_trials}: {count['COMPLETE']} complete, {count['PRUNED']} "
+                f"pruned, {count['FAIL']} failed, {count['RUNNING']} running; "
+                f"{self.best()[1]}; workers running: {running} of {len(states)}")
 
     def finished_count(self) -> int:
         from optuna.trial import TrialState
@@ -306,12 +376,16 @@ class _Sweep:
             self.client.set_tag(run_id, "optuna.state", "FAIL")
             self.client.set_terminated(run_id, "FAILED")
 
-    def report(self, number: int, state: str, value, error, seconds: float) -> None:
+    def best(self):
+        """The best trial so far (None before the first COMPLETE one), and a line's text for it."""
         try:
             best = self.study.best_trial
-            best_text = f"best {best.value:.4f} (trial {best.number})"
         except ValueError:
-            best, best_text = None, "best -"
+            return None, "best -"
+        return best, f"best {best.value:.4f} (trial {best.number})"
+
+    def report(self, number: int, state: str, value, error, seconds: float) -> None:
+        best, best_text = self.best()
         shown = f"{value:.4f}" if state == "COMPLETE" else "-"
         reason = f"  {type(error).__name__}: {error}" if state == "FAIL" else ""
         log.info("trial %3d  %-8s  %s %s  %s  %.1fs%s", number, state, self.s.metric, shown,
