@@ -46,11 +46,18 @@ class AbaloneOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         from abalone.config import AbaloneError
 
+        from abalone.tracking import OUTAGE
+
         try:
             _Sweep(self, arguments).run()
         except AbaloneError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
+        except Exception:
+            if OUTAGE.given_up:  # e.g. the champion's registration outlasted the grace
+                print(f"error: {OUTAGE.given_up}", file=sys.stderr)
+                sys.exit(1)
+            raise
         except KeyboardInterrupt:
             print("interrupted: the running trial was marked FAIL; finished trials are kept "
                   "in the study", file=sys.stderr)
@@ -132,6 +139,23 @@ class _Sweep:
             self.parent_run_id = os.environ.get(PARENT_ENV) or tracking.open_parent_run(
                 self.client, self.experiment_id, self.study_name, self.storage_label,
                 self.settings_params())
+            self.end_runs_left_running()
+
+    def end_runs_left_running(self) -> None:
+        """End FAILED the runs of FAIL trials that a sweep stopped by an outage of the tracking
+        server could not end."""
+        from optuna.trial import TrialState
+
+        failed = {str(t.number) for t in self.study.get_trials(deepcopy=False,
+                                                               states=(TrialState.FAIL,))}
+        if not failed:
+            return
+        for run in self.client.search_runs(
+                [self.experiment_id], f"tags.`optuna.study_name` = '{self.study_name}' and "
+                "attributes.status = 'RUNNING'"):
+            if run.data.tags.get("optuna.trial_number") in failed:
+                self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+                self.client.set_terminated(run.info.run_id, "FAILED")
 
     def default_study_name(self) -> str:
         """The sweep's name plus a digest of what defines the study, so reruns resume it."""
@@ -187,7 +211,10 @@ class _Sweep:
                     worker.terminate()
                 worker.wait()
             if status != "FINISHED" and self.client and not os.environ.get(PARENT_ENV):
-                self.client.set_terminated(self.parent_run_id, status)
+                try:
+                    self.client.set_terminated(self.parent_run_id, status)
+                except Exception as err:  # noqa: BLE001 - the server is gone; keep the cause
+                    log.warning("could not end the parent MLflow run: %s", err)
         failed_workers = [w.args for w in workers if w.returncode]
         if failed_workers:
             from abalone.config import AbaloneError
@@ -225,7 +252,7 @@ class _Sweep:
     def run_trials(self) -> None:
         import optuna
 
-        from abalone import study
+        from abalone import study, tracking
         from abalone.config import AbaloneError
 
         failures = 0
@@ -242,6 +269,8 @@ class _Sweep:
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 break
             state = self.run_one(trial)
+            if state == "FAIL" and tracking.OUTAGE.given_up:
+                raise AbaloneError(tracking.OUTAGE.given_up)
             if state == "FAIL":
                 failures += 1
                 if failures >= self.s.max_failures:
@@ -318,8 +347,12 @@ class _Sweep:
         if self.client and best is not None:
             from abalone.study import BEST_OBJECTIVE
 
-            self.client.log_metric(self.parent_run_id, BEST_OBJECTIVE, best.value,
-                                   step=self.finished_count())
+            try:
+                self.client.log_metric(self.parent_run_id, BEST_OBJECTIVE, best.value,
+                                       step=self.finished_count())
+            except Exception as err:  # noqa: BLE001 - a report never stops the sweep
+                log.warning("could not log %s on the parent MLflow run: %s", BEST_OBJECTIVE,
+                            err)
 
     # -- the end: best trial, plots, registration ---------------------------------------------
 
