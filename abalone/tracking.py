@@ -75,7 +75,7 @@ class ServerOutage:
         self.lock = threading.Lock()
         self.send = None  # MLflow's request function, which this wraps
         self.hosts: set[str] = set()  # host:port of the tracking server (and its artifacts)
-        self.learning = False  # connect's first request is running: note its host
+        self.learning: int | None = None  # the thread of connect's first request: note its host
         self.server = ""  # the tracking URI, for messages
         self.grace = 0.0
         self.since: float | None = None  # monotonic time of the current outage's first failure
@@ -96,7 +96,7 @@ class ServerOutage:
         import requests
 
         host = urlsplit(url).netloc
-        if self.learning:
+        if self.learning == threading.get_ident():  # not MLflow's telemetry thread
             self.hosts.add(host)
         if host not in self.hosts or self.grace <= 0:
             return self.send(method, url, max_retries, backoff_factor, backoff_jitter,
@@ -222,7 +222,7 @@ def connect(tracking_cfg) -> str:
         return _connected[uri, tracking_cfg.experiment]
     timeout = str(max(1, int(tracking_cfg.connect_timeout)))
     OUTAGE.install()
-    OUTAGE.learning = True
+    OUTAGE.learning = threading.get_ident()
     try:
         with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=timeout):
             experiment = mlflow.set_experiment(tracking_cfg.experiment)
@@ -234,7 +234,7 @@ def connect(tracking_cfg) -> str:
             f"{reason}. Check that the server is running and reachable, or run with "
             f"tracking.uri=sqlite:///mlflow.db to track locally.") from err
     finally:
-        OUTAGE.learning = False
+        OUTAGE.learning = None
     OUTAGE.server, OUTAGE.grace = redact(uri), tracking_cfg.outage_grace
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")

@@ -46,14 +46,14 @@ class AbaloneOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         from abalone.config import AbaloneError
 
-        from abalone.tracking import OUTAGE
-
         try:
             _Sweep(self, arguments).run()
         except AbaloneError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         except Exception:
+            from abalone.tracking import OUTAGE
+
             if OUTAGE.given_up:  # e.g. the champion's registration outlasted the grace
                 print(f"error: {OUTAGE.given_up}", file=sys.stderr)
                 sys.exit(1)
