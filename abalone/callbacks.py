@@ -7,6 +7,9 @@ request per epoch, and when epochs are shorter than `interval` seconds the epoch
 share one request, which keeps the client's and the server's work off the training's cores.
 Training returns only after the last batch is acknowledged, so a run never ends with metrics in
 flight. (MLflow's own asynchronous logging costs most of a second to shut down at every run's end.)
+While the tracking server is away (`abalone.tracking.ServerOutage` holds the request), training
+goes on and its epochs wait in the queue, in order, each with its own step and the time it ended;
+they go out in the first request after the server is back.
 A scheduled learning rate is evaluated on the sender thread too, for all epochs of a request at
 once: a Keras schedule costs about a millisecond of eager ops per call, several percent of an epoch
 of the default model if evaluated every epoch.
@@ -93,7 +96,13 @@ class MlflowLogger(keras.callbacks.Callback):
         if self._sender is None:
             return
         self._outbox.put(None)
-        self._sender.join()
+        try:
+            self._sender.join()
+        except KeyboardInterrupt:  # while the sender waits out an outage: it stops waiting
+            from abalone.tracking import OUTAGE
+
+            OUTAGE.interrupt()
+            raise
         self._sender = None
         if self._error is not None:
             raise self._error  # the server refused or never got a batch

@@ -101,6 +101,9 @@ class TrackingConfig:
     run_name: Optional[str] = None
     # Seconds to wait for the tracking server before giving up (MLflow's own default is minutes).
     connect_timeout: float = 10.0
+    # Once connected, seconds an outage of the server (restart, maintenance, throttling) may last
+    # before the run fails and a sweep stops; requests wait, training goes on. 0: no waiting.
+    outage_grace: float = 600.0
 
 
 @dataclass
@@ -206,6 +209,7 @@ def check_ranges(cfg: Any) -> None:
     _require(t.steps_per_execution >= 0, "trainer.steps_per_execution", ">= 0",
              t.steps_per_execution)
     _require(tr.connect_timeout > 0, "tracking.connect_timeout", "> 0", tr.connect_timeout)
+    _require(tr.outage_grace >= 0, "tracking.outage_grace", ">= 0", tr.outage_grace)
     _require(bool(tr.uri or tr.arn or tr.server_name) or not tr.enabled, "tracking.uri",
              "set (or tracking.arn, or tracking.server_name for SageMaker)", tr.uri)
     _require(not cfg.output.s3_uri or cfg.output.s3_uri.startswith("s3://"), "output.s3_uri",

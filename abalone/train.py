@@ -351,6 +351,14 @@ def main(cfg: DictConfig) -> float | None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         raise
+    except Exception:
+        from abalone.tracking import OUTAGE
+
+        # An outage longer than tracking.outage_grace reaches here as MLflow's exception.
+        if OUTAGE.given_up and HydraConfig.get().mode is RunMode.RUN:
+            print(f"error: {OUTAGE.given_up}", file=sys.stderr)
+            sys.exit(1)
+        raise
     if trial:
         return result.objective
     _summary(cfg, result, output_dir)

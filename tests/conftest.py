@@ -53,15 +53,18 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> N
 QUIET_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def start_mlflow_server(root: Path, *extra: str, env: dict | None = None):
-    """An `mlflow server` subprocess on 127.0.0.1 with its store under `root`; returns (url, proc)."""
+def start_mlflow_server(root: Path, *extra: str, env: dict | None = None,
+                        port: int | None = None):
+    """An `mlflow server` subprocess on 127.0.0.1 (`port`, else a free one) with its store under
+    `root`; returns (url, proc). The server leads its own process group (uvicorn is its child),
+    so a test can kill the whole server with os.killpg."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(root / "server.log", "w")
+    port = port or free_port()
+    log = open(root / "server.log", "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/server.db", *extra],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT,
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**(env or os.environ), **QUIET_SERVER})
     url = f"http://127.0.0.1:{port}"
     try:

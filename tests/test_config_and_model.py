@@ -63,6 +63,7 @@ def test_unknown_keys_and_wrong_types_fail_naming_the_key(override, key):
     ("trainer.epochs=0", "trainer.epochs"),
     ("data.val_fraction=1.0", "data.val_fraction"),
     ("trainer.verbose=3", "trainer.verbose"),
+    ("tracking.outage_grace=-1", "tracking.outage_grace"),
 ])
 def test_out_of_range_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key {key} must be"):

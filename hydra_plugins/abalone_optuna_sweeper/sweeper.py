@@ -55,6 +55,13 @@ class AbaloneOptunaSweeper(Sweeper):
         except AbaloneError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
+        except Exception:
+            from abalone.tracking import OUTAGE
+
+            if OUTAGE.given_up:  # e.g. the champion's registration outlasted the grace
+                print(f"error: {OUTAGE.given_up}", file=sys.stderr)
+                sys.exit(1)
+            raise
         except KeyboardInterrupt:
             print("interrupted: the running trial was marked FAIL; finished trials are kept "
                   "in the study", file=sys.stderr)
@@ -139,6 +146,24 @@ class _Sweep:
             self.parent_run_id = os.environ.get(PARENT_ENV) if self.is_worker else tracking.open_parent_run(
                 self.client, self.experiment_id, self.study_name, self.storage_label,
                 self.settings_params())
+            if not self.is_worker:
+                self.end_runs_left_running()
+
+    def end_runs_left_running(self) -> None:
+        """End FAILED the runs of FAIL trials that a sweep stopped by an outage of the tracking
+        server could not end."""
+        from optuna.trial import TrialState
+
+        failed = {str(t.number) for t in self.study.get_trials(deepcopy=False,
+                                                               states=(TrialState.FAIL,))}
+        if not failed:
+            return
+        for run in self.client.search_runs(
+                [self.experiment_id], f"tags.`optuna.study_name` = '{self.study_name}' and "
+                "attributes.status = 'RUNNING'"):
+            if run.data.tags.get("optuna.trial_number") in failed:
+                self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+                self.client.set_terminated(run.info.run_id, "FAILED")
 
     def prepare_workers(self, base) -> None:
         """The workers object of `workers=...`; remote ones need a storage and tracking they reach."""
@@ -215,7 +240,10 @@ class _Sweep:
             elif not self.remote:  # remote ones have ended: follow_workers waited for them
                 self.workers.wait()
             if status != "FINISHED" and self.client and not self.is_worker:
-                self.client.set_terminated(self.parent_run_id, status)
+                try:
+                    self.client.set_terminated(self.parent_run_id, status)
+                except Exception as err:  # noqa: BLE001 - the server is gone; keep the cause
+                    log.warning("could not end the parent MLflow run: %s", err)
         failed_workers = [f"{name} {state}" for name, state in self.workers.poll().items()
                           if state.startswith("failed")]
         if failed_workers and not self.remote:
@@ -296,7 +324,7 @@ class _Sweep:
     def run_trials(self) -> None:
         import optuna
 
-        from abalone import study
+        from abalone import study, tracking
         from abalone.config import AbaloneError
 
         failures = 0
@@ -313,6 +341,8 @@ class _Sweep:
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 break
             state = self.run_one(trial)
+            if state == "FAIL" and tracking.OUTAGE.given_up:
+                raise AbaloneError(tracking.OUTAGE.given_up)
             if state == "FAIL":
                 failures += 1
                 if failures >= self.s.max_failures:
@@ -393,8 +423,12 @@ class _Sweep:
         if self.client and best is not None:
             from abalone.study import BEST_OBJECTIVE
 
-            self.client.log_metric(self.parent_run_id, BEST_OBJECTIVE, best.value,
-                                   step=self.finished_count())
+            try:
+                self.client.log_metric(self.parent_run_id, BEST_OBJECTIVE, best.value,
+                                       step=self.finished_count())
+            except Exception as err:  # noqa: BLE001 - a report never stops the sweep
+                log.warning("could not log %s on the parent MLflow run: %s", BEST_OBJECTIVE,
+                            err)
 
     # -- the end: best trial, plots, registration ---------------------------------------------
 

@@ -1,0 +1,282 @@
+"""A sweep rides out outages of its tracking server: a real `mlflow server` killed (its whole
+process group) and started again on the same port and store, and a proxy answering 503 and 429.
+
+The outages wait on purpose and are kept to a few seconds: each sweep carries several of them.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import CLI_TIMEOUT, free_port, start_mlflow_server, sweep_runs
+
+MODEL = "abalone-tensorflow-model"
+EPOCHS = 6
+# Random trials of the quick sweep, every epoch run (no pruner, no early stopping), one line each.
+SWEEP = ["-m", "sweep=quick", f"trainer.epochs={EPOCHS}", "trainer.patience=0",
+         "trainer.verbose=1", "hydra.sweeper.pruner.name=none", "hydra.sweeper.sampler.name=random",
+         "tracking=server"]
+EPOCH_KEYS = ("loss", "val_loss", "rmse", "val_rmse", "mae", "val_mae", "learning_rate",
+              "epoch_duration")
+
+
+class Server:
+    """An `mlflow server` that the test kills and starts again on the same port and store."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = root, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        _, self.proc = start_mlflow_server(self.root, "--artifacts-destination",
+                                           str(self.root / "artifacts"), port=self.port)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the CLI and its uvicorn child
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    if server.proc.poll() is None:
+        server.kill()
+
+
+class Sweep:
+    """The CLI in a subprocess, its output read line by line as it comes."""
+
+    def __init__(self, args: list[str], cwd: Path, data: Path):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["ABALONE_DATA"] = str(data)
+        self.proc = subprocess.Popen([sys.executable, "-m", "abalone.train", *args], cwd=cwd,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines: list[str] = []
+        self.seen = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self.seen:
+                self.lines.append(line)
+                self.seen.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = CLI_TIMEOUT) -> None:
+        with self.seen:
+            if not self.seen.wait_for(lambda: any(re.search(pattern, line)
+                                                  for line in self.lines)
+                                      or self.proc.poll() is not None, timeout):
+                raise AssertionError(f"no line matching {pattern!r}:\n{self.output[-4000:]}")
+        assert any(re.search(pattern, line) for line in self.lines), (
+            f"exited before a line matching {pattern!r}:\n{self.output[-4000:]}")
+
+    def finish(self) -> int:
+        code = self.proc.wait(timeout=CLI_TIMEOUT)
+        time.sleep(0.2)  # the reader's last lines
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def load_study(cwd: Path) -> optuna.Study:
+    from abalone.study import make_storage
+
+    storage = make_storage(str(cwd / "optuna-studies.journal"))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def assert_trial_runs_whole(client: MlflowClient, study: optuna.Study) -> dict[int, object]:
+    """Every COMPLETE trial's run FINISHED with all its epochs' metrics, once each, in order of
+    the time each epoch ended; returns the trial runs by trial number."""
+    _, runs = sweep_runs(client)
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        run = by_number[trial.number]
+        assert run.info.status == "FINISHED", trial.number
+        assert run.data.tags["optuna.state"] == "COMPLETE"
+        assert "test_rmse" in run.data.metrics
+        for key in EPOCH_KEYS:
+            history = sorted(client.get_metric_history(run.info.run_id, key),
+                             key=lambda m: m.step)
+            assert [m.step for m in history] == list(range(1, EPOCHS + 1)), (trial.number, key)
+            assert [m.timestamp for m in history] == sorted(m.timestamp for m in history)
+    return by_number
+
+
+def assert_champion(client: MlflowClient, study: optuna.Study) -> None:
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+
+
+def outage_lines(output: str) -> tuple[list[str], list[str]]:
+    lines = output.splitlines()
+    return ([line for line in lines if "unreachable (" in line],
+            [line for line in lines if re.search(r"back after [\d.]+s; \d+ requests? waited",
+                                                 line)])
+
+
+def test_sweep_rides_out_restarts_mid_trial_between_trials_and_at_registration(
+        tmp_path, data_file, server):
+    sweep = Sweep([*SWEEP, "hydra.sweeper.n_trials=2", f"tracking.uri={server.url}"], tmp_path,
+                  data_file)
+    # Mid-trial: training goes on to its last epoch while the server is down.
+    sweep.wait_for(rf"epoch +2/{EPOCHS}")
+    server.kill()
+    sweep.wait_for(rf"epoch +{EPOCHS}/{EPOCHS}")
+    server.start()
+    restarted_ms = int(time.time() * 1000)
+    # Between trials: the result's report on the parent run and the next run's start wait.
+    sweep.wait_for(r"trial +0 +COMPLETE")
+    server.kill()
+    time.sleep(1)
+    server.start()
+    # The champion's registration.
+    sweep.wait_for(r"study '.*': 2 COMPLETE")
+    server.kill()
+    time.sleep(1)
+    server.start()
+    assert sweep.finish() == 0, sweep.output[-6000:]
+    out = sweep.output
+    assert "Traceback" not in out and "Retrying (" not in out, out[-6000:]
+    down, back = outage_lines(out)
+    assert len(down) == 3 and len(back) == 3, out[-6000:]
+    assert server.url in down[0] and "Connection" in down[0]
+
+    study = load_study(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    client = MlflowClient(tracking_uri=server.url)
+    runs = assert_trial_runs_whole(client, study)
+    # The epochs held back during the outage went out with the time each one ended.
+    first = client.get_metric_history(runs[0].info.run_id, "val_rmse")
+    assert max(m.timestamp for m in first) < restarted_ms
+    (parent,), _ = sweep_runs(client)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_complete"] == 2
+    assert parent.data.tags["registration"].startswith("registered")
+    assert_champion(client, study)
+
+
+class ThrottlingProxy(ThreadingHTTPServer):
+    """Forwards to the MLflow server, or answers every request with `status` while it is set."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port, self.status = upstream_port, None
+        self.answered: Counter = Counter()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def _handle(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status = self.server.status
+        if status is not None:
+            self.server.answered[status] += 1
+            self.send_response(status)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+        upstream.request(self.command, self.path, body=body, headers=headers)
+        response = upstream.getresponse()
+        content = response.read()
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+        upstream.close()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+
+def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttling(
+        tmp_path, data_file, server):
+    # Named: the rerun reaches the server through a proxy, another tracking.uri.
+    args = [*SWEEP, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=outage"]
+    sweep = Sweep([*args, f"tracking.uri={server.url}", "tracking.outage_grace=3"], tmp_path,
+                  data_file)
+    sweep.wait_for(rf"epoch +2/{EPOCHS}")
+    server.kill()
+    assert sweep.finish() == 1, sweep.output[-6000:]
+    out = sweep.output
+    assert "Traceback" not in out, out[-6000:]
+    assert re.search(rf"error: the MLflow tracking server at {server.url} was unreachable for "
+                     r"\d+s, longer than tracking.outage_grace=3s", out), out[-6000:]
+    assert len(outage_lines(out)[0]) == 1
+    # The sweep stopped instead of failing trial after trial.
+    assert [t.state for t in load_study(tmp_path).trials] == [TrialState.FAIL]
+
+    server.start()
+    proxy = ThrottlingProxy(server.port)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    tracking_uri = mlflow.get_tracking_uri()  # the permanent errors' check below changes it
+    try:
+        # The same sweep again (the default grace), through a proxy that throttles a while.
+        sweep = Sweep([*args, f"tracking.uri={proxy.url}"], tmp_path, data_file)
+        sweep.wait_for(rf"epoch +2/{EPOCHS}")
+        proxy.status = 503
+        time.sleep(1.5)
+        proxy.status = 429
+        time.sleep(1.5)
+        proxy.status = None
+        assert sweep.finish() == 0, sweep.output[-6000:]
+        assert proxy.answered[503] >= 1 and proxy.answered[429] >= 1, proxy.answered
+        down, back = outage_lines(sweep.output)
+        assert len(down) == 1 and "HTTP 503" in down[0] and len(back) == 1, sweep.output[-6000:]
+
+        study = load_study(tmp_path)
+        assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+        client = MlflowClient(tracking_uri=server.url)
+        runs = assert_trial_runs_whole(client, study)
+        # The run the outage left RUNNING was ended by the rerun.
+        assert runs[0].info.status == "FAILED" and runs[0].data.tags["optuna.state"] == "FAIL"
+        (parent,), _ = sweep_runs(client)
+        assert parent.info.status == "FINISHED"
+        assert_champion(client, study)
+
+        # Permanent errors are not retried: one request, one error.
+        from omegaconf import OmegaConf
+
+        from abalone import tracking
+        from abalone.config import TrackingConfig
+
+        tracking.connect(OmegaConf.structured(TrackingConfig(uri=proxy.url, outage_grace=30)))
+        for status in (403, 404, 400, 500):
+            proxy.status = status
+            with pytest.raises(MlflowException):
+                MlflowClient(tracking_uri=proxy.url).get_run(runs[1].info.run_id)
+            assert proxy.answered[status] == 1, status
+    finally:
+        mlflow.set_tracking_uri(tracking_uri)
+        proxy.shutdown()
