@@ -103,10 +103,9 @@ def test_multi_objective_sweep_crowns_the_best_feasible_pareto_trial(tmp_path, d
 def test_starting_points_stop_rule_and_warm_start(tmp_path, data_file):
     space = ["optimizer.lr=tag(log, interval(0.00001, 0.03))", "model.depth=range(1,3)"]
     first = [*space, "hydra.sweeper.study_name=first", "hydra.sweeper.sampler.name=qmc",
-             "hydra.sweeper.n_trials=6", "hydra.sweeper.stop.rule=no_improvement",
-             "hydra.sweeper.stop.patience=1",
+             "hydra.sweeper.stop.rule=no_improvement", "hydra.sweeper.stop.patience=1",
              "hydra.sweeper.starting_points=[{optimizer.lr:0.02},{optimizer.lr:0.00001}]"]
-    sweep(tmp_path, data_file, *first)
+    sweep(tmp_path, data_file, *first, "hydra.sweeper.n_trials=3")
     study = load(tmp_path, "first")
     # A good learning rate, then a hopeless one: no improvement in 1 trial stops the study.
     assert [t.params["optimizer.lr"] for t in study.trials] == [0.02, 0.00001]
@@ -117,20 +116,24 @@ def test_starting_points_stop_rule_and_warm_start(tmp_path, data_file):
     (parent,), _ = sweep_runs(client)
     assert parent.data.tags["stop.reason"] == reason and parent.info.status == "FINISHED"
 
-    again = sweep(tmp_path, data_file, *first)  # neither restarted nor starting points queued
-    assert "raise hydra.sweeper.n_trials above 6 to go on" in again
+    # Neither restarted nor its starting points queued again; a higher n_trials goes on.
+    again = sweep(tmp_path, data_file, *first, "hydra.sweeper.n_trials=3")
+    assert "raise hydra.sweeper.n_trials above 3 to go on" in again
     assert len(load(tmp_path, "first").trials) == 2
+    sweep(tmp_path, data_file, *first, "hydra.sweeper.n_trials=4")
+    first_trials = load(tmp_path, "first").trials
+    assert len(first_trials) >= 3 and first_trials[2].state == TrialState.COMPLETE
 
     second = [*space, "hydra.sweeper.study_name=second", "hydra.sweeper.sampler.name=cmaes",
               "hydra.sweeper.n_trials=1", "hydra.sweeper.warm_start_from=first"]
     out = sweep(tmp_path, data_file, *second)
-    assert "warm start from study 'first': 2 trials copied now" in out
+    assert f"warm start from study 'first': {len(first_trials)} trials copied now" in out
     sweep(tmp_path, data_file, *second)  # a rerun copies nothing twice
     study = load(tmp_path, "second")
     copies = [t for t in study.trials if "warm_start_of" in t.user_attrs]
-    assert sorted(t.user_attrs["warm_start_of"] for t in copies) == ["first#0", "first#1"]
-    first_values = {t.number: t.value for t in load(tmp_path, "first").trials}
-    assert sorted(t.value for t in copies) == sorted(first_values.values())
+    assert sorted(t.user_attrs["warm_start_of"] for t in copies) == [
+        f"first#{t.number}" for t in first_trials]
+    assert sorted(t.value for t in copies) == sorted(t.value for t in first_trials)
     (own,) = [t for t in study.trials if "warm_start_of" not in t.user_attrs]
     assert own.state == TrialState.COMPLETE  # copies do not use up n_trials
     # Copies only inform the sampler: the champion is one of the study's own trials.
