@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import re
 
 import optuna
 import pytest
@@ -169,8 +170,6 @@ def test_search_setting_errors_fail_before_any_trial(tmp_path, data_file):
          "names 2 metric(s) but hydra.sweeper.direction has 1"),
         (["hydra.sweeper.constraints=['params_count < 5']", "optimizer.lr=0.01,0.02"],
          "hydra.sweeper.constraints[0] = 'params_count < 5'"),
-        (["hydra.sweeper.starting_points=[{optimizer.lr:0.5}]", "optimizer.lr=0.01,0.02"],
-         "hydra.sweeper.starting_points[0].optimizer.lr=0.5 is outside the search space"),
         (["hydra.sweeper.custom_search_space=abalone.nowhere:f", "optimizer.lr=0.01,0.02"],
          "hydra.sweeper.custom_search_space=abalone.nowhere:f"),
         (["hydra.sweeper.sampler.popsize=4", "optimizer.lr=0.01,0.02"], "popsize"),
@@ -186,6 +185,33 @@ def test_search_setting_errors_fail_before_any_trial(tmp_path, data_file):
         assert words in done.stderr, (args, done.stderr[-2000:])
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "optuna-studies.journal").exists()
+
+
+def test_constraint_and_starting_point_checks_name_the_setting():
+    from abalone.config import ConfigError
+    from abalone.study import check_starting_points, parse_constraints, search_space
+
+    (size, speed) = parse_constraints(["params_count <= 2e4", " predict_seconds>=0.5 "])
+    assert (size.violation(25000), speed.violation(1.0)) == (5000, -0.5)
+    assert str(size) == "params_count <= 20000"
+    for lines, words in ((["val_rmse <= 3", "size <= 5"], "hydra.sweeper.constraints[1] must "
+                          "be a validation metric"),
+                         (["params_count <= many"], "hydra.sweeper.constraints[0] = "
+                          "'params_count <= many': write 'NAME <= NUMBER'")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse_constraints(lines)
+    space, _, _ = search_space({"model": "choice(wide, deep)",
+                                "optimizer.lr": "interval(0.001, 0.01)"}, [])
+    check_starting_points([{"model": "wide"}, {"optimizer.lr": 0.005}], space, False)
+    for points, conditional, words in (
+            ([{"model": "wide"}, {"model": "huge"}], False,
+             "hydra.sweeper.starting_points[1].model='huge' is outside the search space"),
+            ([{"optimizer.lr": 0.5}], False, "starting_points[0].optimizer.lr=0.5 is outside"),
+            ([{"optimizer.momentum": 0.9}], False,
+             "starting_points[0].optimizer.momentum is not a swept parameter")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            check_starting_points(points, space, conditional)
+    check_starting_points([{"optimizer.momentum": 0.9}], space, True)  # a custom function's
 
 
 def test_every_sampler_draws_from_its_space():
