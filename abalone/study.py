@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -62,6 +63,10 @@ class StorageError(AbaloneError):
 
 
 OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+# User attribute of a trial copied from another study (warm_start_from): "<study>#<number>".
+WARM_START_OF = "warm_start_of"
+# Study user attribute set when the stop rule ends the study: reason, n_trials, after_trial.
+STOPPED = "stopped"
 
 
 @dataclass
@@ -71,8 +76,10 @@ class TrialContext:
     trial: optuna.Trial
     parent_run_id: str | None
     study_name: str
-    metric: str
+    metric: str  # the first objective: reported per epoch to the pruner, logged as `objective`
     interrupted: threading.Event  # set by the sweeper's Ctrl-C handler
+    measures: tuple[str, ...] = ()  # every value the sweep optimises or constrains
+    prune: bool = True  # False for multi-objective studies (Optuna cannot prune them)
 
 
 ACTIVE_TRIAL: ContextVar[TrialContext | None] = ContextVar("abalone_active_trial", default=None)
@@ -169,20 +176,225 @@ def _first_line(error: Exception, storage: str) -> str:
 
 
 # The sampler's and pruner's settings each one uses (the others are ignored and not logged).
+_GENETIC = ("seed", "population_size", "crossover_prob", "mutation_prob")
 SETTINGS_USED = {"tpe": ("seed", "n_startup_trials"), "random": ("seed",), "grid": ("seed",),
+                 "gp": ("seed", "n_startup_trials", "deterministic_objective"),
+                 "cmaes": ("seed", "n_startup_trials", "sigma0", "restart_strategy"),
+                 "qmc": ("seed", "qmc_type", "scramble"), "nsgaii": _GENETIC,
+                 "nsgaiii": _GENETIC,
                  "median": ("n_startup_trials", "n_warmup_steps"),
                  "hyperband": ("min_resource", "reduction_factor"), "none": ()}
+# Model properties every run measures (abalone.train.model_properties): objectives and
+# constraints beside the validation metrics Keras logs.
+MEASURED = ("params_count", "predict_seconds")
 
 
-def make_sampler(conf, space: dict[str, BaseDistribution], rank: int) -> optuna.samplers.BaseSampler:
+def make_sampler(conf, space: dict[str, BaseDistribution], rank: int,
+                 n_objectives: int = 1) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded per worker; refuses (naming the setting) a space or a
+    number of objectives it cannot handle rather than sampling part of it at random."""
     seed = None if conf.seed is None else conf.seed + rank
     name = str(getattr(conf.name, "value", conf.name))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
         return _GridSampler(grid_values(space), seed=seed)
+    if name in ("cmaes", "qmc"):
+        # Both would hand categorical parameters to an independent random sampler, silently.
+        categorical = [k for k, d in space.items() if isinstance(d, CategoricalDistribution)]
+        if categorical:
+            raise ConfigError(f"hydra.sweeper.sampler.name={name} samples only interval() and "
+                              f"integer range() parameters; {', '.join(categorical)} "
+                              "is categorical: use tpe, gp or nsgaii for it")
+    if name == "cmaes":
+        if n_objectives > 1:
+            raise ConfigError("hydra.sweeper.sampler.name=cmaes optimises one metric; use "
+                              "nsgaii, tpe or gp for a multi-objective sweep")
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=conf.n_startup_trials, sigma0=conf.sigma0,
+            restart_strategy=conf.restart_strategy, warn_independent_sampling=False)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type=str(getattr(conf.qmc_type, "value",
+                                                               conf.qmc_type)),
+                                          scramble=conf.scramble, seed=seed,
+                                          warn_asynchronous_seeding=False)
+    if name == "gp":
+        require_torch("hydra.sweeper.sampler.name=gp")
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=conf.n_startup_trials,
+                                         deterministic_objective=conf.deterministic_objective)
+    if name in ("nsgaii", "nsgaiii"):
+        sampler = (optuna.samplers.NSGAIISampler if name == "nsgaii"
+                   else optuna.samplers.NSGAIIISampler)
+        return sampler(population_size=conf.population_size, crossover_prob=conf.crossover_prob,
+                       mutation_prob=conf.mutation_prob, seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=conf.n_startup_trials,
                                       multivariate=True, constant_liar=True)
+
+
+def require_torch(setting: str) -> None:
+    """Optuna's Gaussian process (gp sampler, terminator) runs on PyTorch, an extra."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError(f"{setting} needs PyTorch, which is not installed: "
+                          "pip install 'abalone[gp]'")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """`name <= bound` or `name >= bound` on a measured value."""
+
+    name: str
+    bound: float
+    at_most: bool
+
+    def violation(self, value: float) -> float:
+        """> 0: broken. Stored with Trial.set_constraint, where tpe, gp, nsgaii and nsgaiii
+        read it (the other samplers ignore constraints)."""
+        return value - self.bound if self.at_most else self.bound - value
+
+    def __str__(self) -> str:
+        return f"{self.name} {'<=' if self.at_most else '>='} {self.bound:g}"
+
+
+def parse_constraints(lines: list[str]) -> list[Constraint]:
+    parsed = []
+    for i, line in enumerate(lines):
+        match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*(<=|>=)\s*(\S+)\s*", str(line))
+        try:
+            bound = float(match.group(3)) if match else math.nan
+        except ValueError:
+            bound = math.nan
+        if not math.isfinite(bound):
+            raise ConfigError(f"hydra.sweeper.constraints[{i}] = {line!r}: write "
+                              "'NAME <= NUMBER' or 'NAME >= NUMBER'")
+        check_measure(match.group(1), f"hydra.sweeper.constraints[{i}]")
+        parsed.append(Constraint(match.group(1), bound, match.group(2) == "<="))
+    return parsed
+
+
+def check_measure(name: str, key: str) -> None:
+    """A value a sweep may optimise or constrain: a validation metric or a measured property."""
+    if not (str(name).startswith("val_") or name in MEASURED):
+        raise ConfigError(f"{key} must be a validation metric (val_...: the test rows never "
+                          f"choose a trial) or a measured property ({', '.join(MEASURED)}), "
+                          f"got {name!r}")
+
+
+def _inside(dist: BaseDistribution, value: Any) -> bool:
+    try:
+        return dist._contains(dist.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
+
+
+def check_starting_points(points: list[dict[str, Any]], space: dict[str, BaseDistribution],
+                          conditional: bool) -> None:
+    """Each value inside its parameter's range; keys outside the space only for parameters a
+    custom_search_space function samples."""
+    for i, point in enumerate(points):
+        for key, value in point.items():
+            if key in space and not _inside(space[key], value):
+                raise ConfigError(f"hydra.sweeper.starting_points[{i}].{key}={value!r} is "
+                                  f"outside the search space ({space[key]})")
+            if key not in space and not conditional:
+                raise ConfigError(f"hydra.sweeper.starting_points[{i}].{key} is not a swept "
+                                  f"parameter ({', '.join(space)})")
+
+
+def copy_trials(study: optuna.Study, source: optuna.Study,
+                space: dict[str, BaseDistribution]) -> tuple[int, int]:
+    """Add `source`'s COMPLETE trials whose swept parameters all lie in `space`, each once
+    (marked WARM_START_OF); return (copied now, incompatible)."""
+    copied_before = {t.user_attrs.get(WARM_START_OF) for t in study.get_trials(deepcopy=False)}
+    copied = incompatible = 0
+    for trial in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        mark = f"{source.study_name}#{trial.number}"
+        if mark in copied_before or WARM_START_OF in trial.user_attrs:
+            continue
+        if not all(k in trial.params and _inside(d, trial.params[k]) for k, d in space.items()):
+            incompatible += 1
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            params=trial.params, distributions={**trial.distributions, **space},
+            values=trial.values, user_attrs={WARM_START_OF: mark},
+            constraints=trial.constraints))
+        copied += 1
+    return copied, incompatible
+
+
+def load_function(spec: str, key: str) -> Callable:
+    """The function `module:function` names (the working directory is importable)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{key}={spec}: {type(err).__name__}: {err} (write module:function)"
+                          ) from err
+
+
+def stagnation(study: optuna.Study, rule: str, patience: int, since: int,
+               directions: list[str]) -> str | None:
+    """Why the stop rule ends the study now, or None. Only trials numbered from `since` (after
+    an earlier stop) count towards the `patience` trials run before the rule is checked."""
+    own = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                              TrialState.PRUNED))
+           if WARM_START_OF not in t.user_attrs]
+    if sum(1 for t in own if t.number >= since) < patience:
+        return None
+    if rule == "no_improvement":
+        best = champion(pareto_front(candidates(study), directions), directions)
+        if best is None:
+            return None
+        after = sum(1 for t in own if t.number > best.number)
+        if after < patience:
+            return None
+        return (f"no better objective in the {after} trials after trial {best.number} "
+                f"(stop.rule=no_improvement, stop.patience={patience})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # optuna.terminator: removal in Optuna 6
+        from optuna.terminator import MedianErrorEvaluator, RegretBoundEvaluator, Terminator
+
+        improvement = RegretBoundEvaluator()
+        terminator = Terminator(improvement, MedianErrorEvaluator(improvement),
+                                min_n_trials=patience)
+        if not terminator.should_terminate(study):
+            return None
+    return (f"Optuna's terminator: the regret bound fell below the noise level after "
+            f"{len(own)} trials (stop.rule=terminator)")
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
+    signs = [1 if d == "minimize" else -1 for d in directions]
+    pairs = [(s * x, s * y) for s, x, y in zip(signs, a, b)]
+    return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+
+def candidates(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials that may become the champion: this study's own COMPLETE, feasible trials (copies
+    from `warm_start_from` only inform the sampler)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if is_feasible(t) and WARM_START_OF not in t.user_attrs]
+
+
+def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
+    return [t for t in trials
+            if not any(dominates(o.values, t.values, directions) for o in trials)]
+
+
+def champion(front: list[FrozenTrial], directions: list[str]) -> FrozenTrial | None:
+    """The best trial on the first metric within the Pareto front (for one metric the front is
+    the best trial(s)); the lowest number breaks ties."""
+    if not front:
+        return None
+    sign = 1 if directions[0] == "minimize" else -1
+    return min(front, key=lambda t: (sign * t.values[0], t.number))
 
 
 class _GridSampler(optuna.samplers.GridSampler):
@@ -219,11 +431,11 @@ def make_pruner(conf, epochs: int) -> optuna.pruners.BasePruner:
 
 def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """Trials that count towards n_trials: all but FAIL trials that were queued again
-    (`retry_of`) or were surplus."""
+    (`retry_of`) or were surplus, and copies from another study (`warm_start_from`)."""
     retried = {t.user_attrs.get("retry_of") for t in trials}
-    return [t for t in trials if t.state in OCCUPYING or (
-        t.state == TrialState.FAIL and t.number not in retried
-        and not t.user_attrs.get("surplus"))]
+    return [t for t in trials if WARM_START_OF not in t.user_attrs and (
+        t.state in OCCUPYING or (t.state == TrialState.FAIL and t.number not in retried
+                                 and not t.user_attrs.get("surplus")))]
 
 
 def work_left(study: optuna.Study, n_trials: int) -> bool:

@@ -402,9 +402,11 @@ def open_parent_run(client, experiment_id: str, study_name: str, storage: str,
     return found.info.run_id
 
 
-def save_study_plots(study, out_dir: Path) -> list[Path]:
-    """Optuna's optimisation history, parameter importances and parallel coordinates as PNG;
-    a plot Optuna cannot draw for this study (too few trials) is skipped with a log line."""
+def save_study_plots(study, out_dir: Path, metrics: list[str]) -> list[Path]:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as PNG
+    (of the first metric in a multi-objective study, which adds the Pareto front for two or
+    three metrics, infeasible trials greyed); a plot Optuna cannot draw for this study (too few
+    trials) is skipped with a log line."""
     import logging
     import warnings
 
@@ -416,12 +418,19 @@ def save_study_plots(study, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in ("plot_optimization_history", "plot_param_importances",
-                 "plot_parallel_coordinate"):
+    target = ({"target": lambda t: t.values[0], "target_name": metrics[0]}
+              if len(metrics) > 1 else {})
+    plots = dict.fromkeys(("plot_optimization_history", "plot_param_importances",
+                           "plot_parallel_coordinate"), target)
+    if 1 < len(metrics) <= 3:
+        plots["plot_pareto_front"] = {
+            "target_names": metrics,
+            "constraints_func": lambda t: list(t.constraints.values()) or [0.0]}
+    for name, options in plots.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                axes = getattr(optuna_plots, name)(study)
+                axes = getattr(optuna_plots, name)(study, **options)
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             logging.getLogger("abalone").info("skipped %s: %s", name, err)
             continue
@@ -433,6 +442,20 @@ def save_study_plots(study, out_dir: Path) -> list[Path]:
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def save_pareto_table(front, metrics: list[str], path: Path) -> Path:
+    """The Pareto front's trials: number, MLflow run, values, parameters; one row each."""
+    import csv
+
+    keys = sorted({k for t in front for k in t.params})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", "mlflow_run_id", *metrics, *keys])
+        for t in sorted(front, key=lambda t: t.number):
+            writer.writerow([t.number, t.user_attrs.get("mlflow_run_id", ""), *t.values,
+                             *(t.params.get(k, "") for k in keys)])
+    return path
 
 
 def register_champion(client, name: str, run_id: str, model_uri: str,

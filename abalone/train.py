@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Before TensorFlow and MLflow load: keep their INFO lines and progress bars off the terminal.
@@ -48,6 +48,8 @@ class RunResult:
     model_version: str | None = None
     objective: float | None = None  # in a sweep: the sweep's metric for the weights kept
     objective_epoch: int | None = None  # the epoch (from 1) whose weights were kept
+    # in a sweep: each value the sweep optimises or constrains (trial.measures), by name
+    measured: dict[str, float] = field(default_factory=dict)
     s3_location: str | None = None
 
 
@@ -104,6 +106,25 @@ def build_model(cfg: DictConfig, splits, keras):
                   steps_per_execution=cfg.trainer.steps_per_execution or steps_per_epoch,
                   jit_compile=keras.backend.backend() != "tensorflow")
     return model
+
+
+# Rows in the batch whose prediction time `predict_seconds` measures.
+PREDICT_BATCH = 256
+
+
+def model_properties(model, rows: dict, keras) -> dict[str, float]:
+    """What a sweep may optimise or constrain besides validation metrics: the parameter count,
+    and the median seconds of one prediction on PREDICT_BATCH rows on this machine (after a
+    warm-up call; a direct call, as serving makes)."""
+    batch = {name: column[:PREDICT_BATCH] for name, column in rows.items()}
+    keras.ops.convert_to_numpy(model(batch, training=False))
+    seconds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        keras.ops.convert_to_numpy(model(batch, training=False))
+        seconds.append(time.perf_counter() - start)
+    return {"params_count": float(model.count_params()),
+            "predict_seconds": sorted(seconds)[len(seconds) // 2]}
 
 
 def run_training(cfg: DictConfig, output_dir: Path, trial=None,
@@ -185,8 +206,9 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None,
         if trial:  # last, so the epoch is logged before a prune or Ctrl-C stops training
             from optuna_integration import KerasPruningCallback
 
-            callbacks += [KerasPruningCallback(trial.trial, trial.metric),
-                          RaiseOnInterrupt(trial.interrupted)]
+            if trial.prune:  # Optuna cannot prune multi-objective studies
+                callbacks.append(KerasPruningCallback(trial.trial, trial.metric))
+            callbacks.append(RaiseOnInterrupt(trial.interrupted))
         fit_start = time.perf_counter()
         model.fit(**data.fit_arguments((train_x, train_y), (val_x, val_y), t.batch_size, t.seed,
                                        keras.backend.backend()),
@@ -200,6 +222,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None,
         metrics = evaluate.regression_metrics(test_y, predicted, "test")
         metrics.update(evaluate.regression_metrics(
             val_y, keras.ops.convert_to_numpy(model(val_x, training=False)), "best_val"))
+        metrics.update(model_properties(model, test_x, keras))
         result = RunResult(run_id, experiment_id, metrics, len(history.history["loss"]),
                            fit_seconds)
         if trial:
@@ -207,11 +230,15 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None,
 
             restored = early_stopping is not None and early_stopping.best_weights is not None
             kept = early_stopping.best_epoch if restored else result.epochs_run - 1
-            result.objective = kept_value(history.history, trial.metric, kept)
+            for name in dict.fromkeys((trial.metric, *trial.measures)):
+                value = (metrics[name] if name in metrics
+                         else kept_value(history.history, name, kept))
+                if math.isnan(value):
+                    raise TrainingDiverged(f"{name}, which the sweep optimises or constrains, "
+                                           "became NaN or infinite")
+                result.measured[name] = value
+            result.objective = result.measured[trial.metric]
             result.objective_epoch = kept + 1
-            if math.isnan(result.objective):
-                raise TrainingDiverged(f"{trial.metric}, the sweep's objective, became NaN or "
-                                       "infinite")
 
         save_outputs(cfg, model, history.history, splits.test, predicted, output_dir, result,
                      trial)
@@ -360,7 +387,7 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(1)
         raise
     if trial:
-        return result.objective
+        return result.measured
     _summary(cfg, result, output_dir)
     return result.metrics["best_val_rmse"]
 

@@ -92,10 +92,7 @@ class _Sweep:
         if not self.space:
             raise ConfigError("nothing to sweep: select a sweep (sweep=quick) or give values to "
                               "try on the command line (model=wide,deep optimizer.lr=0.001,0.01)")
-        if not s.metric.startswith("val_"):
-            raise ConfigError(f"hydra.sweeper.metric must be a validation metric (val_...), got "
-                              f"{s.metric!r}: the test rows never choose a trial")
-        self.direction = str(getattr(s.direction, "value", s.direction))
+        self.prepare_objectives()
         base = self.sweeper.hydra_context.config_loader.load_sweep_config(
             self.sweeper.config, list(self.fixed))
         check_ranges(base)
@@ -121,22 +118,28 @@ class _Sweep:
 
         import optuna
 
+        sampler = study.make_sampler(s.sampler, self.space, self.rank, len(self.metrics))
+        storage = study.make_storage(s.storage, s.storage_password_secret)
+        source = self.warm_start_source(storage)
         self.study = optuna.create_study(
             study_name=self.study_name,
-            storage=study.make_storage(s.storage, s.storage_password_secret),
-            sampler=study.make_sampler(s.sampler, self.space, self.rank),
-            pruner=study.make_pruner(s.pruner, self.epochs), direction=self.direction,
-            load_if_exists=True)
-        if self.study.direction.name.lower() != self.direction:
+            storage=storage, sampler=sampler,
+            pruner=study.make_pruner(s.pruner, self.epochs) if self.prune
+            else optuna.pruners.NopPruner(), directions=self.directions, load_if_exists=True)
+        created = [d.name.lower() for d in self.study.directions]
+        if created != self.directions:
             raise ConfigError(f"study {self.study_name!r} in {self.storage_label} was created to "
-                              f"{self.study.direction.name.lower()}; hydra.sweeper.direction="
-                              f"{self.direction} needs another hydra.sweeper.study_name")
+                              f"{', '.join(created)}; hydra.sweeper.direction="
+                              f"{', '.join(self.directions)} needs another "
+                              "hydra.sweeper.study_name")
         recorded = self.study.user_attrs.get("metric")
         if recorded is None:
-            self.study.set_user_attr("metric", s.metric)
-        elif recorded != s.metric:
+            self.study.set_user_attr("metric", self.metric_label)
+        elif recorded != self.metric_label:
             raise ConfigError(f"study {self.study_name!r} optimises {recorded}; "
-                              f"hydra.sweeper.metric={s.metric} needs another study_name")
+                              f"hydra.sweeper.metric={self.metric_label} needs another "
+                              "study_name")
+        self.seed_study(source)
 
         self.client = None
         self.parent_run_id = None
@@ -182,10 +185,90 @@ class _Sweep:
         else:
             self.workers.count = 0 if self.is_worker else self.s.n_jobs - 1
 
+    def prepare_objectives(self) -> None:
+        """Metrics and directions (one each, or lists of one length), constraints, the
+        conditional-space function and the stop rule; each error names its setting."""
+        from abalone import study
+        from abalone.config import ConfigError
+
+        s = self.s
+        self.metrics = [str(m) for m in (s.metric if OmegaConf.is_list(s.metric)
+                                         else [s.metric])]
+        self.directions = [str(getattr(d, "value", d)) for d in (
+            s.direction if OmegaConf.is_list(s.direction) else [s.direction])]
+        if not self.metrics or len(self.metrics) != len(self.directions):
+            raise ConfigError(f"hydra.sweeper.metric names {len(self.metrics)} metric(s) but "
+                              f"hydra.sweeper.direction has {len(self.directions)}; give one "
+                              "direction per metric")
+        for metric in self.metrics:
+            study.check_measure(metric, "hydra.sweeper.metric")
+        for direction in self.directions:
+            if direction not in ("minimize", "maximize"):
+                raise ConfigError(f"hydra.sweeper.direction must be minimize or maximize, got "
+                                  f"{direction!r}")
+        self.metric_label = ", ".join(self.metrics)
+        self.constraints = study.parse_constraints(list(s.constraints))
+        pruner = str(getattr(s.pruner.name, "value", s.pruner.name))
+        self.prune = len(self.metrics) == 1
+        if not self.prune and pruner != "none":
+            log.info("pruning is off: Optuna cannot prune a multi-objective study "
+                     "(hydra.sweeper.pruner.name=%s is ignored)", pruner)
+        self.custom_space = (study.load_function(s.custom_search_space,
+                                                 "hydra.sweeper.custom_search_space")
+                             if s.custom_search_space else None)
+        study.check_starting_points(OmegaConf.to_container(s.starting_points), self.space,
+                                    conditional=self.custom_space is not None)
+        sampler = str(getattr(s.sampler.name, "value", s.sampler.name))
+        if self.custom_space and sampler == "grid":
+            raise ConfigError("hydra.sweeper.custom_search_space cannot add parameters to a grid "
+                              "(sampler.name=grid); choose another sampler")
+        self.stop_rule = str(getattr(s.stop.rule, "value", s.stop.rule))
+        if self.stop_rule != "none":
+            if len(self.metrics) > 1:
+                raise ConfigError(f"hydra.sweeper.stop.rule={self.stop_rule} needs a single "
+                                  "metric")
+            if s.stop.patience < 1:
+                raise ConfigError(f"hydra.sweeper.stop.patience must be >= 1, got "
+                                  f"{s.stop.patience}")
+            if self.stop_rule == "terminator":
+                study.require_torch("hydra.sweeper.stop.rule=terminator")
+
+    def warm_start_source(self, storage):
+        """The study `warm_start_from` names, if it optimises what this sweep does."""
+        import optuna
+
+        from abalone.config import ConfigError
+
+        name = self.s.warm_start_from
+        if not name:
+            return None
+        try:
+            source = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise ConfigError(f"hydra.sweeper.warm_start_from={name}: no such study in "
+                              f"{self.storage_label}") from None
+        if source.user_attrs.get("metric") != self.metric_label or [
+                d.name.lower() for d in source.directions] != self.directions:
+            raise ConfigError(f"hydra.sweeper.warm_start_from={name}: that study optimises "
+                              f"{source.user_attrs.get('metric')}, this one {self.metric_label}")
+        return source
+
+    def seed_study(self, source) -> None:
+        """Copy the trials of `warm_start_from` and queue `starting_points`, each once."""
+        from abalone import study
+
+        if source is not None:
+            copied, incompatible = study.copy_trials(self.study, source, self.space)
+            log.info("warm start from study %r: %d trials copied now, %d outside this search "
+                     "space", source.study_name, copied, incompatible)
+        for point in OmegaConf.to_container(self.s.starting_points):
+            self.study.enqueue_trial(point, skip_if_exists=True)
+
     def default_study_name(self) -> str:
         """The sweep's name plus a digest of what defines the study, so reruns resume it."""
         spec = json.dumps({"space": {k: repr(v) for k, v in sorted(self.space.items())},
-                           "fixed": sorted(self.fixed), "metric": self.s.metric}, sort_keys=True)
+                           "fixed": sorted(self.fixed), "metric": self.metric_label},
+                          sort_keys=True)
         return f"{self.s.sweep_name or 'grid'}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
     def settings_params(self) -> dict[str, str]:
@@ -194,15 +277,30 @@ class _Sweep:
 
         s = self.s
         params = {"sweep.name": str(s.sweep_name), "sweep.study_name": self.study_name,
-                  "sweep.storage": self.storage_label, "sweep.metric": s.metric,
-                  "sweep.direction": self.direction, "sweep.n_trials": str(self.n_trials),
+                  "sweep.storage": self.storage_label, "sweep.metric": self.metric_label,
+                  "sweep.direction": ", ".join(self.directions),
+                  "sweep.n_trials": str(self.n_trials),
                   "sweep.n_jobs": str(s.n_jobs), "sweep.max_failures": str(s.max_failures),
                   "sweep.workers": self.workers_choice,
                   "sweep.fixed_overrides": " ".join(self.fixed)}
         for group in ("sampler", "pruner"):
             conf = OmegaConf.to_container(s[group], enum_to_str=True)
+            if group == "pruner" and not self.prune:
+                conf["name"] = "none"
             for key in ("name", *SETTINGS_USED[conf["name"]]):
                 params[f"sweep.{group}.{key}"] = str(conf[key])
+        # The search settings beyond the space, when used.
+        if s.constraints:
+            params["sweep.constraints"] = "; ".join(s.constraints)
+        if s.starting_points:
+            params["sweep.starting_points"] = json.dumps(
+                OmegaConf.to_container(s.starting_points))
+        for key in ("warm_start_from", "custom_search_space"):
+            if s[key]:
+                params[f"sweep.{key}"] = str(s[key])
+        if self.stop_rule != "none":
+            params.update({"sweep.stop.rule": self.stop_rule,
+                           "sweep.stop.patience": str(s.stop.patience)})
         params.update({f"sweep.space.{k}": v for k, v in self.space_written.items()})
         return params
 
@@ -313,7 +411,7 @@ class _Sweep:
         running = sum(state == "running" for state in states.values())
         return (f"trials of {self.n_trials}: {count['COMPLETE']} complete, {count['PRUNED']} "
                 f"pruned, {count['FAIL']} failed, {count['RUNNING']} running; "
-                f"{self.best()[1]}; workers running: {running} of {len(states)}")
+                f"{self.best_text(*self.best())}; workers running: {running} of {len(states)}")
 
     def finished_count(self) -> int:
         from optuna.trial import TrialState
@@ -332,7 +430,7 @@ class _Sweep:
             if self.interrupted.is_set():  # a Ctrl-C lost after the last trial's training
                 raise KeyboardInterrupt
             study.fail_stale_trials(self.study, self.s.stale_after, self.end_stale_run)
-            if not study.work_left(self.study, self.n_trials):
+            if not study.work_left(self.study, self.n_trials) or self.stopped():
                 break
             trial = self.study.ask(self.space)
             if not study.within_total(self.study, trial.number, self.n_trials):
@@ -350,15 +448,70 @@ class _Sweep:
                                        f"(hydra.sweeper.max_failures={self.s.max_failures}); "
                                        "stopping the sweep")
 
+    def stopped(self) -> bool:
+        """Whether the stop rule has ended the study at this n_trials, in this run or an
+        earlier one (a higher n_trials resumes it); records why when it ends it now."""
+        from optuna.trial import TrialState
+
+        from abalone import study
+
+        record = self.study.user_attrs.get(study.STOPPED)
+        if record and self.n_trials <= record["n_trials"]:
+            log.info("the study was stopped early: %s; raise hydra.sweeper.n_trials above %d "
+                     "to go on", record["reason"], record["n_trials"])
+            return True
+        trials = self.study.get_trials(deepcopy=False)
+        if self.stop_rule == "none" or any(t.state == TrialState.WAITING for t in trials):
+            return False  # starting points and retries run first
+        reason = study.stagnation(self.study, self.stop_rule, self.s.stop.patience,
+                                  record["after_trial"] + 1 if record else 0, self.directions)
+        if reason is None:
+            return False
+        reason += f"; {self.n_trials} trials were allowed"
+        self.study.set_user_attr(study.STOPPED, {
+            "reason": reason, "n_trials": self.n_trials,
+            "after_trial": max(t.number for t in trials if t.state.is_finished())})
+        log.info("the study stops early: %s", reason)
+        if self.client:
+            try:
+                self.client.set_tag(self.parent_run_id, "stop.reason", reason)
+            except Exception as err:  # noqa: BLE001 - the study holds the reason too
+                log.warning("could not tag the parent MLflow run with the stop reason: %s", err)
+        return True
+
+    def conditional_overrides(self, trial) -> dict[str, Any]:
+        """The custom_search_space function's overrides; it samples more from `trial`."""
+        import optuna
+
+        from abalone.config import ConfigError
+
+        try:
+            overrides = self.custom_space(trial)
+            if not isinstance(overrides, dict):
+                raise TypeError(f"it must return a dict of config overrides, not "
+                                f"{type(overrides).__name__}")
+        except Exception as err:
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise ConfigError(f"hydra.sweeper.custom_search_space={self.s.custom_search_space}: "
+                              f"{type(err).__name__}: {err}") from err
+        return overrides
+
     def run_one(self, trial) -> str:
         import optuna
 
         from abalone import study
 
         study.mark_owner(trial)
-        overrides = [*self.fixed, *study.trial_overrides(trial.params)]
-        context = study.TrialContext(trial, self.parent_run_id, self.study_name, self.s.metric,
-                                     self.interrupted)
+        extra = self.conditional_overrides(trial) if self.custom_space else {}
+        # Parameters the custom function sampled are recorded by Optuna; what it returns is
+        # what the trial's config gets.
+        swept = {k: v for k, v in trial.params.items() if k in self.space}
+        overrides = [*self.fixed, *study.trial_overrides({**swept, **extra})]
+        context = study.TrialContext(trial, self.parent_run_id, self.study_name,
+                                     self.metrics[0], self.interrupted,
+                                     tuple(dict.fromkeys(
+                                         [*self.metrics, *(c.name for c in self.constraints)])),
+                                     self.prune)
         token = study.ACTIVE_TRIAL.set(context)
         beating = threading.Event()
         heartbeat = threading.Thread(target=self.beat, args=(trial, beating), daemon=True)
@@ -375,22 +528,38 @@ class _Sweep:
         if self.interrupted.is_set() and job.status is not JobStatus.COMPLETED:
             study.fail_and_retry(self.study, trial)  # as above: the error a Ctrl-C became
             raise KeyboardInterrupt
-        value, error = None, None
+        measured, error, values, note = None, None, None, ""
         if job.status is JobStatus.COMPLETED:
-            value = job.return_value
+            measured = job.return_value  # {name: value} of trial.measures
+            values = [measured[m] for m in self.metrics] if measured else None
         else:
             error = job._return_value  # the exception the task raised
         if isinstance(error, optuna.TrialPruned):
             state = "PRUNED"
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        elif error is None and value is not None and math.isfinite(value):
+        elif error is None and values and all(math.isfinite(v) for v in values):
             state = "COMPLETE"
-            self.study.tell(trial, value)
+            if self.constraints:
+                broken = []
+                for constraint in self.constraints:
+                    violation = constraint.violation(measured[constraint.name])
+                    trial.set_constraint(str(constraint), violation)
+                    if violation > 0:
+                        broken.append(str(constraint))
+                if broken:
+                    note = f"infeasible: breaks {', '.join(broken)}"
+            self.study.tell(trial, values if len(values) > 1 else values[0])
+            if self.constraints and self.client and "mlflow_run_id" in trial.user_attrs:
+                try:  # after tell: the study holds the trial whatever the server does
+                    self.client.set_tag(trial.user_attrs["mlflow_run_id"], "optuna.feasible",
+                                        str(not note).lower())
+                except Exception as err:  # noqa: BLE001 - a tag never stops the sweep
+                    log.warning("could not tag trial %d's run feasible: %s", trial.number, err)
         else:
             state = "FAIL"
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        self.report(trial.number, state, value, error, time.monotonic() - start)
+        self.report(trial, state, values, error, time.monotonic() - start, note)
         return state
 
     def beat(self, trial, stop: threading.Event) -> None:
@@ -407,24 +576,35 @@ class _Sweep:
             self.client.set_terminated(run_id, "FAILED")
 
     def best(self):
-        """The best trial so far (None before the first COMPLETE one), and a line's text for it."""
-        try:
-            best = self.study.best_trial
-        except ValueError:
-            return None, "best -"
-        return best, f"best {best.value:.4f} (trial {best.number})"
+        """(the Pareto front of this study's own feasible COMPLETE trials, the champion)."""
+        from abalone import study
 
-    def report(self, number: int, state: str, value, error, seconds: float) -> None:
-        best, best_text = self.best()
-        shown = f"{value:.4f}" if state == "COMPLETE" else "-"
-        reason = f"  {type(error).__name__}: {error}" if state == "FAIL" else ""
-        log.info("trial %3d  %-8s  %s %s  %s  %.1fs%s", number, state, self.s.metric, shown,
-                 best_text, seconds, reason)
+        front = study.pareto_front(study.candidates(self.study), self.directions)
+        return front, study.champion(front, self.directions)
+
+    def best_text(self, front, best) -> str:
+        if best is None:
+            return "best -"
+        if len(self.metrics) > 1:
+            return f"Pareto front {len(front)}, champion trial {best.number}"
+        return f"best {best.values[0]:.4f} (trial {best.number})"
+
+    def values_text(self, values) -> str:
+        return "  ".join(f"{m} {_value(m, v)}" for m, v in zip(self.metrics, values))
+
+    def report(self, trial, state: str, values, error, seconds: float, note: str) -> None:
+        front, best = self.best()
+        best_text = self.best_text(front, best)
+        shown = (self.values_text(values) if state == "COMPLETE"
+                 else self.values_text(["-"] * len(self.metrics)))
+        reason = f"  {type(error).__name__}: {error}" if state == "FAIL" else note and f"  {note}"
+        log.info("trial %3d  %-8s  %s  %s  %.1fs%s", trial.number, state, shown, best_text,
+                 seconds, reason)
         if self.client and best is not None:
             from abalone.study import BEST_OBJECTIVE
 
             try:
-                self.client.log_metric(self.parent_run_id, BEST_OBJECTIVE, best.value,
+                self.client.log_metric(self.parent_run_id, BEST_OBJECTIVE, best.values[0],
                                        step=self.finished_count())
             except Exception as err:  # noqa: BLE001 - a report never stops the sweep
                 log.warning("could not log %s on the parent MLflow run: %s", BEST_OBJECTIVE,
@@ -435,29 +615,31 @@ class _Sweep:
     def finish(self) -> None:
         from optuna.trial import TrialState
 
-        from abalone import tracking
+        from abalone import study, tracking
         from abalone.study import BEST_OBJECTIVE
 
         tally = {state.name: 0 for state in TrialState}
         for trial in self.study.get_trials(deepcopy=False):
-            if not trial.user_attrs.get("surplus"):
+            if not (trial.user_attrs.get("surplus") or study.WARM_START_OF in trial.user_attrs):
                 tally[trial.state.name] += 1
-        if tally["RUNNING"] or tally["WAITING"]:
+        stop = self.study.user_attrs.get(study.STOPPED)
+        stopped = stop is not None and self.n_trials <= stop["n_trials"]
+        if tally["RUNNING"] or (tally["WAITING"] and not stopped):
             log.info("other processes are still running trials of this study; the last one "
                      "to finish registers the best model")
             return
         log.info("study %r: %d COMPLETE, %d PRUNED, %d FAIL", self.study_name, tally["COMPLETE"],
                  tally["PRUNED"], tally["FAIL"])
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
+        front, best = self.best()
+        if best is None:
             if self.client:
                 self.client.set_terminated(self.parent_run_id, "FAILED")
             from abalone.config import AbaloneError
 
-            raise AbaloneError(f"study {self.study_name!r} has no COMPLETE trial; nothing to "
-                               "register")
-        best = self.study.best_trial
-        self.print_table(complete)
+            feasible = " feasible" if tally["COMPLETE"] else ""
+            raise AbaloneError(f"study {self.study_name!r} has no{feasible} COMPLETE trial; "
+                               "nothing to register")
+        self.print_table(study.candidates(self.study), front)
         if not self.client:
             return
         client, parent = self.client, self.parent_run_id
@@ -467,16 +649,23 @@ class _Sweep:
 
         now = int(time.time() * 1000)
         metrics = [Metric(f"trials_{key.lower()}", count, now, 0) for key, count in tally.items()]
-        metrics.append(Metric(BEST_OBJECTIVE, best.value, now, self.finished_count()))
+        metrics.append(Metric(BEST_OBJECTIVE, best.values[0], now, self.finished_count()))
         if "test_rmse" in best_run.data.metrics:
             metrics.append(Metric("best_trial_test_rmse", best_run.data.metrics["test_rmse"],
                                   now, 0))
         tags = [RunTag("best.trial_number", str(best.number)), RunTag("best.run_id", run_id)]
         tags += [RunTag(f"best.params.{k}", str(v)) for k, v in best.params.items()]
-        client.log_batch(parent, metrics=metrics, tags=tags)
         out_dir = Path(self.sweeper.config.hydra.sweep.dir) / "optuna"
-        for plot in tracking.save_study_plots(self.study, out_dir):
-            client.log_artifact(parent, str(plot), artifact_path="optuna")
+        artifacts = tracking.save_study_plots(self.study, out_dir, self.metrics)
+        if len(self.metrics) > 1:
+            tags.append(RunTag("pareto_front", ", ".join(str(t.number) for t in front)))
+            for trial in front:
+                client.set_tag(trial.user_attrs["mlflow_run_id"], "optuna.pareto_front", "true")
+            artifacts.append(tracking.save_pareto_table(front, self.metrics,
+                                                        out_dir / "pareto_front.csv"))
+        client.log_batch(parent, metrics=metrics, tags=tags)
+        for path in artifacts:
+            client.log_artifact(parent, str(path), artifact_path="optuna")
         if self.tracking_cfg.register:
             metrics = {k: v for k, v in best_run.data.metrics.items()
                        if k.startswith(("test_", "best_val_"))}
@@ -484,23 +673,37 @@ class _Sweep:
                 client, self.tracking_cfg.registered_model, run_id,
                 best.user_attrs["mlflow_model_uri"], metrics,
                 tags={"sweep": str(self.s.sweep_name), "study": self.study_name,
-                      "trial": str(best.number), "objective": f"{best.value:.4f}",
-                      "objective_metric": self.s.metric})
+                      "trial": str(best.number),
+                      "objective": ", ".join(f"{v:.4g}" for v in best.values),
+                      "objective_metric": self.metric_label})
             log.info("%s", message)
             client.set_tag(parent, "registration", message)
         client.set_terminated(parent, "FINISHED")
         log.info("look: %s", tracking.where_to_look(
             self.experiment_id, f"tags.`optuna.study_name` = '{self.study_name}'"))
 
-    def print_table(self, complete) -> None:
-        reverse = self.direction == "maximize"
-        top = sorted(complete, key=lambda t: t.value, reverse=reverse)[:10]
-        log.info("top trials by %s:", self.s.metric)
-        log.info("  trial  %10s  mlflow run id                     params", self.s.metric)
+    def print_table(self, candidates, front) -> None:
+        """The top feasible trials by the first metric; `*` marks the Pareto front."""
+        sign = -1 if self.directions[0] == "maximize" else 1
+        top = sorted(candidates, key=lambda t: sign * t.values[0])[:10]
+        multi = len(self.metrics) > 1
+        on_front = {t.number for t in front}
+        log.info("top trials by %s%s:", self.metrics[0], " (* on the Pareto front)" * multi)
+        log.info("  trial  %s  mlflow run id                     params",
+                 "  ".join(f"{m:>10}" for m in self.metrics))
         for trial in top:
             params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
-            log.info("  %5d  %10.4f  %-32s  %s", trial.number, trial.value,
+            values = "  ".join(f"{_value(m, v):>10}" for m, v in zip(self.metrics, trial.values))
+            mark = "*" if multi and trial.number in on_front else " "
+            log.info(" %s%5d  %s  %-32s  %s", mark, trial.number, values,
                      trial.user_attrs.get("mlflow_run_id", "-"), params)
+
+
+def _value(metric: str, value: Any) -> str:
+    """A metric's value as the terminal shows it: 4 decimals for val_ metrics."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4f}" if metric.startswith("val_") else f"{value:.4g}"
 
 
 def _short(value: Any) -> str:
