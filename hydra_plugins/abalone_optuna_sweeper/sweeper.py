@@ -273,8 +273,8 @@ class _Sweep:
             raise AbaloneError(
                 f"the workers have ended before study {self.study_name!r} was complete ("
                 f"{self.finished_count()} of {self.n_trials} trials finished, trials "
-                f"{unfinished} unfinished); {'; '.join(failed) or 'none failed'}; their logs are "
-                f"in {self.workers.output_dir}. Rerun the same command to resume the study.")
+                f"{unfinished} unfinished); {'; '.join(failed) or 'none failed'}. Rerun the same "
+                "command to resume the study.")
 
     def progress(self, states: dict[str, str]) -> str:
         from collections import Counter
