@@ -72,8 +72,9 @@ def test_container_workers_share_one_study_and_a_rerun_retries_a_killed_containe
                 running = [t for t in load_trials(postgres_url) if t.state == TrialState.RUNNING]
             except ValueError:  # no study yet
                 continue
-            for trial in running:
-                name = container_of(trial, names, podman_env)
+            for trial in running:  # one that has started its MLflow run: mid-training
+                name = "mlflow_run_id" in trial.user_attrs and container_of(trial, names,
+                                                                           podman_env)
                 if name:
                     podman(podman_env, "kill", name)
                     killed_trial = trial.number
