@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -369,3 +370,60 @@ def test_push_image_dry_run_prints_the_build_login_tag_and_push():
         f"podman tag abalone-dlc:v3 {uri}", f"podman push {uri}", f"workers.image_uri={uri}"]
     assert any(line.startswith("podman build ") and "--tag abalone-dlc:v3" in line
                for line in lines)
+
+
+def test_the_command_starts_jobs_whose_arguments_join_the_study_and_a_rerun_registers(
+        tmp_path, data_file, moto_aws, fleet_database, mlflow_server):
+    """The coordinator end to end against moto: `-m ... workers=sagemaker` opens the study and the
+    parent run and sends one CreateTrainingJob per worker. moto's jobs end at once, so the command
+    reports the study incomplete (exit 1); the jobs' ContainerArguments and Environment, run as the
+    image's `train` runs them, then finish the study, and the same command registers the champion
+    without starting more jobs."""
+    _, recording = moto_aws
+    secret_arn = boto3.client("secretsmanager").create_secret(
+        Name="abalone-optuna-db-cli", SecretString=DB_PASSWORD)["ARN"]
+    command = ["-m", "sweep=quick", "trainer.epochs=2", "trainer.patience=0",
+               "hydra.sweeper.n_trials=3", "tracking=server", f"tracking.uri={mlflow_server}",
+               f"hydra.sweeper.storage={fleet_database}",
+               f"hydra.sweeper.storage_password_secret={secret_arn}", "workers=sagemaker",
+               "workers.count=2", f"workers.image_uri={IMAGE}", f"workers.role_arn={ROLE}",
+               "workers.output_s3_uri=s3://abalone-bucket/jobs", "workers.region=us-east-1"]
+    first = run_cli(command, tmp_path, data_file)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "the workers have ended before study" in first.stderr
+    assert "Rerun the same command" in first.stderr and "CloudWatch" in first.stderr
+
+    requests = recorded(recording, "CreateTrainingJob")
+    assert len(requests) == 2
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("abalone-tensorflow-experiment")
+    (parent,) = client.search_runs([experiment.experiment_id])
+    assert parent.data.tags["abalone.role"] == "sweep" and parent.info.status == "FAILED"
+    workers = []
+    for rank, request in enumerate(requests, start=1):
+        arguments = request["AlgorithmSpecification"]["ContainerArguments"]
+        assert arguments[0] == "train" and "workers=local" in arguments
+        assert not any(a.startswith("workers.") for a in arguments)
+        assert request["Environment"]["ABALONE_SWEEP_PARENT_RUN_ID"] == parent.info.run_id
+        assert request["Environment"]["ABALONE_SWEEP_WORKER_RANK"] == str(rank)
+        # What abalone.container runs for `train <arguments>`, minus the /opt/ml folders.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "abalone.train", *arguments[1:]], cwd=tmp_path,
+            env={**env, **request["Environment"], "ABALONE_DATA": str(data_file)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for worker in workers:
+        output = worker.communicate(timeout=600)[0]
+        assert worker.returncode == 0, output[-3000:]
+        assert DB_PASSWORD not in output
+
+    again = run_cli(command, tmp_path, data_file)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(recorded(recording, "CreateTrainingJob")) == 2  # nothing left to do: no job
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("abalone.role") == "sweep"]
+    assert parent.info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == len(runs) - 1 >= 3
+    (version,) = client.search_model_versions("name='abalone-tensorflow-model'")
+    assert version.run_id == parent.data.tags["best.run_id"]

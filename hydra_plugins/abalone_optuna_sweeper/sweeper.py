@@ -353,8 +353,10 @@ class _Sweep:
             self.finish()
 
     def start_workers(self) -> None:
-        if not self.workers.count:
-            return
+        from abalone import study
+
+        if not self.workers.count or not study.work_left(self.study, self.n_trials):
+            return  # a finished study needs no workers (each SageMaker job bills its start-up)
         if not self.remote:  # before TensorFlow loads here; the processes inherit it
             from abalone.fleet import thread_share
 
