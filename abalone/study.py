@@ -21,6 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -40,6 +41,7 @@ HOST = socket.gethostname()
 # runs table by them ranks trials as the sweep did, and the parent does not sort among them.
 OBJECTIVE = "objective"
 BEST_OBJECTIVE = "best_objective"
+GRPC_READY_SECONDS = 5  # how long a grpc:// storage may take to answer before the sweep fails
 OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -104,6 +106,8 @@ def trial_overrides(params: dict[str, Any]) -> list[str]:
 
 
 def make_storage(storage: str) -> optuna.storages.BaseStorage:
+    if storage.startswith("grpc://"):
+        return grpc_proxy(storage)
     if "://" in storage:
         # Processes starting at once may race to create Optuna's tables; the loser retries.
         for attempt in range(3):
@@ -116,6 +120,28 @@ def make_storage(storage: str) -> optuna.storages.BaseStorage:
     path = Path(storage).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def grpc_proxy(storage: str) -> optuna.storages.BaseStorage:
+    """A client of Optuna's gRPC storage proxy (`python -m abalone.storage_proxy`), which fails in
+    seconds when no proxy answers: gRPC calls would otherwise fail one by one mid-sweep."""
+    address = urlsplit(storage)
+    try:
+        host, port = address.hostname, address.port
+    except ValueError:  # a port that is not a number
+        host, port = None, None
+    if not host or not port or address.path.strip("/"):
+        raise ConfigError(f"hydra.sweeper.storage={storage}: a storage proxy's address is "
+                          "grpc://HOST:PORT")
+    proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=GRPC_READY_SECONDS)
+    except ConnectionError:
+        proxy.close()
+        raise ConfigError(f"hydra.sweeper.storage={storage}: no Optuna storage proxy answered "
+                          f"within {GRPC_READY_SECONDS} s; start one with `python -m "
+                          f"abalone.storage_proxy DATABASE_URL --port {port}`") from None
+    return proxy
 
 
 # The sampler's and pruner's settings each one uses (the others are ignored and not logged).

@@ -58,7 +58,8 @@ class AbaloneOptunaSweeperConf:
     # null: a name made from the sweep and its search space, so a rerun resumes the same study.
     study_name: Optional[str] = None
     # A file path (Optuna journal file, safe for processes on one machine) or an SQLAlchemy URL
-    # (postgresql://..., for several hosts).
+    # (postgresql://..., for several hosts), or grpc://HOST:PORT: Optuna's storage proxy in front
+    # of such a database (python -m abalone.storage_proxy), for large fleets.
     storage: str = "optuna-studies.journal"
     # A RUNNING trial whose process on this host is gone, or (other hosts) whose heartbeat is
     # older than this many seconds, is failed and its parameters retried.
