@@ -480,7 +480,8 @@ def fleet_worker(storage_url: str, study_name: str, settings: dict, ready, resul
             trials += 1
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
-    results.put({"seconds": seconds, "trials": trials, "error": error and error[:300],
+    # The first line only: SQLAlchemy's errors go on with a link.
+    results.put({"seconds": seconds, "trials": trials, "error": error and error.splitlines()[0],
                  "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu_start})
 
 
