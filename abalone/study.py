@@ -55,7 +55,7 @@ PID_NAMESPACE = _pid_namespace()
 # runs table by them ranks trials as the sweep did, and the parent does not sort among them.
 OBJECTIVE = "objective"
 BEST_OBJECTIVE = "best_objective"
-CONNECT_TIMEOUT = 5  # seconds to reach a database storage
+CONNECT_TIMEOUT = 5  # seconds to reach a database storage or a storage proxy
 
 
 class StorageError(AbaloneError):
@@ -138,6 +138,11 @@ def make_storage(storage: str,
     if password_secret and "://" not in storage:
         raise ConfigError("hydra.sweeper.storage_password_secret is for a database storage "
                           f"(postgresql+psycopg2://...), not the file {storage}")
+    if storage.startswith("grpc://"):
+        if password_secret:
+            raise ConfigError("hydra.sweeper.storage_password_secret is for a database storage; "
+                              "a storage proxy (grpc://) holds the database login itself")
+        return grpc_proxy(storage)
     if "://" in storage:
         import sqlalchemy.exc
 
@@ -173,6 +178,28 @@ def _first_line(error: Exception, storage: str) -> str:
     lines = str(getattr(error, "orig", None) or error).strip().splitlines() or [type(error).__name__]
     password = urlsplit(storage).password
     return lines[0].replace(password, "***") if password else lines[0]
+
+
+def grpc_proxy(storage: str) -> optuna.storages.BaseStorage:
+    """A client of Optuna's gRPC storage proxy (`python -m abalone.storage_proxy`), which fails in
+    seconds when no proxy answers: gRPC calls would otherwise fail one by one mid-sweep."""
+    address = urlsplit(storage)
+    try:
+        host, port = address.hostname, address.port
+    except ValueError:  # a port that is not a number
+        host, port = None, None
+    if not host or not port or address.path.strip("/"):
+        raise ConfigError(f"hydra.sweeper.storage={storage}: a storage proxy's address is "
+                          "grpc://HOST:PORT")
+    proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=CONNECT_TIMEOUT)
+    except ConnectionError:
+        proxy.close()
+        raise ConfigError(f"hydra.sweeper.storage={storage}: no Optuna storage proxy answered "
+                          f"within {CONNECT_TIMEOUT} s; start one with `python -m "
+                          f"abalone.storage_proxy DATABASE_URL --port {port}`") from None
+    return proxy
 
 
 # The sampler's and pruner's settings each one uses (the others are ignored and not logged).

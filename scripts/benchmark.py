@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Benchmark: the AWS sample's recipe against our default run, the MLflow callback's overhead,
-a sweep, its scaling with n_jobs, start-up time, the study storage's per-trial cost and the
+a sweep, its scaling with n_jobs, start-up time, the study storage's per-trial cost (one process,
+and 1-64 simulated workers on PostgreSQL, straight and through the gRPC storage proxy) and the
 registered model's latency and throughput behind `mlflow models serve`.
 
     python scripts/benchmark.py                      # the full benchmark (~20 min on 2 cores)
     python scripts/benchmark.py --sweep-trials 50 --repeats 3 --postgres-url postgresql://...
     python scripts/benchmark.py --smoke              # tiny sizes: checks every figure appears
     python scripts/benchmark.py --sections serving   # one section
+    python scripts/benchmark.py --sections fleet-storage --postgres-url postgresql+psycopg2://...
 
 Every training figure comes from a fresh process (the real `python -m abalone.train`, or the
 sample's recipe in its own interpreter), so imports and peak memory count as a user sees them;
@@ -389,6 +391,259 @@ def bench_storage(args) -> dict:
     return {"seconds_per_trial": result, "reports_per_trial": 20}
 
 
+# -- many workers on one study database ----------------------------------------------------------
+
+FLEET_WORKERS = (1, 4, 16, 64)
+# The storage calls of one trial, in the sweeper's order (run_trials, run_one, beat, report).
+# "report" is one epoch's trial.report + should_prune, as KerasPruningCallback makes them.
+FLEET_OPERATIONS = ("work_left", "fail_stale_trials", "ask", "within_total", "mark_owner",
+                    "report", "heartbeat", "tell", "best_trial")
+
+
+def fleet_worker(storage_url: str, study_name: str, settings: dict, ready, results) -> None:
+    """One simulated worker process: the sweeper's trial loop through `abalone.study` (storage,
+    stale-trial check, slots, owner attributes, heartbeat thread) around a cheap objective that
+    sleeps `epoch_seconds` per epoch and reports each epoch to the default median pruner. Puts
+    each storage call's seconds, its trial count and CPU seconds (or the error that stopped it)
+    on `results`; waits at `ready` so that all workers start together."""
+    import resource
+    import random
+    import threading
+
+    import optuna
+
+    from abalone import study as sweep
+    from hydra_plugins.abalone_optuna_sweeper.config import PrunerConf
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seconds: dict[str, list[float]] = {name: [] for name in FLEET_OPERATIONS}
+    lock = threading.Lock()
+
+    def timed(name, call, *arguments):
+        start = time.perf_counter()
+        value = call(*arguments)
+        with lock:
+            seconds[name].append(time.perf_counter() - start)
+        return value
+
+    def beat(trial, stop: threading.Event) -> None:
+        while not stop.wait(settings["heartbeat_seconds"]):
+            timed("heartbeat", trial.set_user_attr, "heartbeat", time.time())
+
+    def best_trial(study):
+        try:
+            return study.best_trial
+        except ValueError:  # nothing complete yet
+            return None
+
+    trials, error, epochs, n_trials = 0, None, settings["epochs"], settings["n_trials"]
+    try:
+        study = optuna.load_study(study_name=study_name, storage=sweep.make_storage(storage_url),
+                                  sampler=optuna.samplers.RandomSampler(),
+                                  pruner=sweep.make_pruner(PrunerConf(), epochs))
+    except Exception as err:  # reported, not raised: the others still run
+        error = f"{type(err).__name__}: {err}"
+    ready.wait(timeout=900)
+    cpu_start = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    rng = random.Random(os.getpid())
+    try:
+        while not error and timed("work_left", sweep.work_left, study, n_trials):
+            timed("fail_stale_trials", sweep.fail_stale_trials, study, settings["stale_after"],
+                  lambda trial: None)
+            if not timed("work_left", sweep.work_left, study, n_trials):
+                break
+            trial = timed("ask", study.ask, settings["space"])
+            if not timed("within_total", sweep.within_total, study, trial.number, n_trials):
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                break
+            timed("mark_owner", sweep.mark_owner, trial)
+            stop = threading.Event()
+            heartbeat = threading.Thread(target=beat, args=(trial, stop), daemon=True)
+            heartbeat.start()
+            quality, state = rng.random(), optuna.trial.TrialState.COMPLETE
+            for epoch in range(epochs):
+                time.sleep(settings["epoch_seconds"])
+                value = 2 + quality + 1 / (epoch + 1)
+                start = time.perf_counter()
+                trial.report(value, epoch)
+                prune = trial.should_prune()
+                with lock:
+                    seconds["report"].append(time.perf_counter() - start)
+                if prune:
+                    state = optuna.trial.TrialState.PRUNED
+                    break
+            stop.set()
+            heartbeat.join()
+            timed("tell", study.tell, trial, value if state.name == "COMPLETE" else None, state)
+            timed("best_trial", best_trial, study)
+            trials += 1
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+    # The first line only: SQLAlchemy's errors go on with a link.
+    results.put({"seconds": seconds, "trials": trials, "error": error and error.splitlines()[0],
+                 "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu_start})
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def process_cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU seconds of `pid` (with `children`: plus its reaped children's and its live ones')."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(float(v) for v in fields[11:15 if children else 13])
+    if children:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                child = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile: its time went to the parent's reaped children
+                continue
+            if int(child[1]) == pid:
+                total += float(child[11]) + float(child[12])
+    return total / ticks
+
+
+def postmaster_pid(engine) -> int | None:
+    """The PID of the database's server, when it runs on this machine and we may read its data
+    directory's name (a superuser); its CPU time is then the database's."""
+    import sqlalchemy
+
+    try:
+        with engine.connect() as connection:
+            directory = connection.execute(sqlalchemy.text("SHOW data_directory")).scalar()
+        pid = int((Path(directory) / "postmaster.pid").read_text().split()[0])
+        process_cpu_seconds(pid)
+        return pid
+    except Exception:  # not ours to measure: a remote or unprivileged database
+        return None
+
+
+def fleet_run(args, storage_url: str, database_url: str, workers: int, proxy_pid: int | None,
+              settings: dict) -> dict:
+    """`workers` simulated worker processes on one new study: trials per second from the moment
+    all are ready to the last one's end, each storage call's latency percentiles, the peak of
+    the database's connections, and the CPU seconds per trial of the database, the proxy and
+    the workers, with the machine's load."""
+    import multiprocessing
+    import threading
+
+    import optuna
+    import sqlalchemy
+
+    from abalone.study import make_storage
+
+    study_name = f"fleet-{workers}-{time.time_ns()}"
+    optuna.create_study(study_name=study_name, storage=make_storage(storage_url))
+    settings = {**settings, "n_trials": workers * args.fleet_trials_per_worker}
+    context = multiprocessing.get_context("spawn")
+    ready, results = context.Barrier(workers + 1), context.Queue()
+    procs = [context.Process(target=fleet_worker,
+                             args=(storage_url, study_name, settings, ready, results))
+             for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    engine = sqlalchemy.create_engine(database_url, poolclass=sqlalchemy.pool.NullPool)
+    postmaster = postmaster_pid(engine)
+    ready.wait(timeout=900)
+    load_before = os.getloadavg()[0]
+    cpu = [machine_cpu(), postmaster and process_cpu_seconds(postmaster, children=True),
+           proxy_pid and process_cpu_seconds(proxy_pid)]
+    start = time.monotonic()
+    connections, running = [], True
+
+    def count_connections() -> None:
+        query = sqlalchemy.text("SELECT count(*) - 1 FROM pg_stat_activity "
+                                "WHERE datname = current_database()")
+        with engine.connect() as connection:
+            while running:
+                connections.append(connection.execute(query).scalar())
+                time.sleep(0.25)
+
+    counter = threading.Thread(target=count_connections, daemon=True)
+    counter.start()
+    reports = [results.get(timeout=3600) for _ in procs]
+    wall = time.monotonic() - start
+    running = False
+    counter.join()
+    for proc in procs:
+        proc.join()
+    busy, total = (after - before for after, before in zip(machine_cpu(), cpu[0]))
+    trials = sum(r["trials"] for r in reports)
+    per_trial = max(trials, 1)
+    operations = {}
+    for name in FLEET_OPERATIONS:
+        values = sorted(v for r in reports for v in r["seconds"][name])
+        if values:
+            operations[name] = {"calls_per_trial": len(values) / per_trial, **{
+                f"p{q}_ms": values[min(len(values) - 1, len(values) * q // 100)] * 1000
+                for q in (50, 90, 99)}}
+    blocking = sum(v for r in reports for name, values in r["seconds"].items()
+                   if name != "heartbeat" for v in values)
+    result = {"workers": workers, "trials": trials, "wall_seconds": wall,
+              "trials_per_second": trials / wall,
+              "ideal_trials_per_second": workers / (settings["epochs"] * settings["epoch_seconds"]),
+              "storage_seconds_per_trial": blocking / per_trial,
+              "operations": operations, "peak_connections": max(connections, default=0),
+              "worker_cpu_seconds_per_trial": sum(r["cpu_seconds"] for r in reports) / per_trial,
+              "machine_busy_fraction": busy / total, "load_before": load_before,
+              "failed_workers": sum(1 for r in reports if r["error"]),
+              "errors": sorted({r["error"] for r in reports if r["error"]})}
+    if postmaster:
+        result["database_cpu_seconds_per_trial"] = (
+            process_cpu_seconds(postmaster, children=True) - cpu[1]) / per_trial
+    if proxy_pid:
+        result["proxy_cpu_seconds_per_trial"] = (
+            process_cpu_seconds(proxy_pid) - cpu[2]) / per_trial
+    engine.dispose()
+    return result
+
+
+def bench_fleet_storage(args) -> dict:
+    """The study storage under many workers: `fleet_run` for each worker count, straight on
+    PostgreSQL and through the gRPC storage proxy (`python -m abalone.storage_proxy`) in front of
+    it. Trials are short (`--fleet-epochs` x `--fleet-epoch-seconds`), so storage is a larger share
+    than with real trials; heartbeats come every `--fleet-heartbeat-seconds`."""
+    import optuna
+    from omegaconf import OmegaConf
+    from optuna.storages import GrpcStorageProxy
+
+    from abalone.study import search_space
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep_file = OmegaConf.load(REPO / "sweeps" / "search.yaml")
+    params = OmegaConf.to_container(sweep_file.hydra.sweeper.params)
+    settings = {"space": search_space(params, [])[0], "epochs": args.fleet_epochs,
+                "epoch_seconds": args.fleet_epoch_seconds,
+                "heartbeat_seconds": args.fleet_heartbeat_seconds, "stale_after": 600}
+    result = {"epochs": args.fleet_epochs, "epoch_seconds": args.fleet_epoch_seconds,
+              "heartbeat_seconds": args.fleet_heartbeat_seconds,
+              "trials_per_worker": args.fleet_trials_per_worker, "cpus": os.cpu_count(),
+              "postgresql": [], "grpc_proxy": []}
+    for workers in args.fleet_workers:
+        print(f"  {workers} workers on PostgreSQL ...", flush=True)
+        result["postgresql"].append(fleet_run(args, args.postgres_url, args.postgres_url,
+                                              workers, None, settings))
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "abalone.storage_proxy", args.postgres_url,
+                              "--port", str(port)], cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        GrpcStorageProxy(host="127.0.0.1", port=port).wait_server_ready(timeout=120)
+        for workers in args.fleet_workers:
+            print(f"  {workers} workers through the gRPC proxy ...", flush=True)
+            result["grpc_proxy"].append(fleet_run(args, f"grpc://127.0.0.1:{port}",
+                                                  args.postgres_url, workers, proxy.pid,
+                                                  settings))
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+    return result
+
+
 SERVING_BATCHES = (1, 100, 10_000)
 
 
@@ -550,6 +805,38 @@ def markdown(results: dict) -> str:
                   "| --- | --- | --- | --- |"]
         lines += [f"| {b['rows']} | {b['median_ms']:.1f} ms | {b['p90_ms']:.1f} ms | "
                   f"{b['rows_per_second']:.0f} |" for b in sv["batches"]]
+    if "fleet_storage" in results:
+        fleet = results["fleet_storage"]
+        lines += ["", f"## Many workers on one study database ({fleet['cpus']} cores shared by "
+                  "the database, the proxy and every worker)", "",
+                  f"Trials of {fleet['epochs']} epochs x {fleet['epoch_seconds']} s sleep, "
+                  f"{fleet['trials_per_worker']} per worker, heartbeat every "
+                  f"{fleet['heartbeat_seconds']} s; CPU seconds per trial.", "",
+                  "| storage | workers | trials/s | of ideal | storage s/trial | ask p50/p99 | "
+                  "report p50/p99 | tell p50/p99 | heartbeat p99 | connections | database CPU "
+                  "| proxy CPU | worker CPU | machine busy | load before | failed workers |",
+                  "|" + " --- |" * 16]
+
+        def latency(run: dict, name: str, quantiles=("p50", "p99")) -> str:
+            op = run["operations"].get(name)
+            return "/".join(f"{op[q + '_ms']:.0f}" for q in quantiles) + " ms" if op else "-"
+
+        def cpu(run: dict, key: str) -> str:
+            return f"{run[key]:.3f}" if key in run else "-"
+
+        for kind in ("postgresql", "grpc_proxy"):
+            for run in fleet[kind]:
+                lines.append(
+                    f"| {kind} | {run['workers']} | {run['trials_per_second']:.2f} | "
+                    f"{run['trials_per_second'] / run['ideal_trials_per_second']:.0%} | "
+                    f"{run['storage_seconds_per_trial']:.3f} | {latency(run, 'ask')} | "
+                    f"{latency(run, 'report')} | {latency(run, 'tell')} | "
+                    f"{latency(run, 'heartbeat', ('p99',))} | {run['peak_connections']} | "
+                    f"{cpu(run, 'database_cpu_seconds_per_trial')} | "
+                    f"{cpu(run, 'proxy_cpu_seconds_per_trial')} | "
+                    f"{run['worker_cpu_seconds_per_trial']:.3f} | "
+                    f"{run['machine_busy_fraction']:.0%} | {run['load_before']:.1f} | "
+                    f"{run['failed_workers']} {'; '.join(run['errors'])[:200]} |")
     if "storage" in results:
         st = results["storage"]
         lines += ["", "## Study storage", ""]
@@ -576,10 +863,19 @@ def main() -> None:
     parser.add_argument("--postgres-url", default=None,
                         help="also time the study storage on this PostgreSQL database")
     parser.add_argument("--no-scale", action="store_true", help="skip the n_jobs=2 sweep")
+    parser.add_argument("--fleet-workers", type=int, nargs="+", default=list(FLEET_WORKERS),
+                        help="fleet-storage: simulated worker processes, one run per count")
+    parser.add_argument("--fleet-trials-per-worker", type=int, default=10)
+    parser.add_argument("--fleet-epochs", type=int, default=20, help="pruning reports per trial")
+    parser.add_argument("--fleet-epoch-seconds", type=float, default=0.05)
+    parser.add_argument("--fleet-heartbeat-seconds", type=float, default=0.5,
+                        help="the sweeper beats every stale_after/4 s, at least 1 s")
     parser.add_argument("--serving-requests", type=int, default=200,
                         help="timed /invocations requests per batch size")
-    parser.add_argument("--sections", default="default,callback,sweeps,storage,serving",
-                        help="comma-separated subset to run (the report shows only those)")
+    parser.add_argument("--sections",
+                        default="default,callback,sweeps,storage,fleet-storage,serving",
+                        help="comma-separated subset to run (the report shows only those); "
+                        "fleet-storage needs --postgres-url")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, to check that every figure is produced")
     args = parser.parse_args()
@@ -590,6 +886,8 @@ def main() -> None:
         args.repeats, args.epochs, args.callback_epochs, args.callback_pairs = 1, 2, 2, 1
         args.sweep_trials, args.storage_trials, args.serving_requests = 2, 3, 3
         args.sweep_overrides = ["trainer.epochs=2", *args.sweep_overrides]
+        args.fleet_workers, args.fleet_trials_per_worker, args.fleet_epochs = [2], 2, 3
+        args.fleet_epoch_seconds, args.fleet_heartbeat_seconds = 0.02, 0.02
     try:
         import jax  # noqa: F401
         args.jax = True
@@ -599,6 +897,11 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     sections = set(args.sections.split(","))
+    if "fleet-storage" in sections and not args.postgres_url:
+        if args.sections != parser.get_default("sections"):
+            parser.error("--sections fleet-storage needs --postgres-url")
+        print("many workers on one database: skipped (no --postgres-url)", flush=True)
+        sections.discard("fleet-storage")
     if "default" in sections:
         print("default run vs the sample's recipe ...", flush=True)
         results["default_vs_sample"] = bench_default_vs_sample(args)
@@ -613,6 +916,9 @@ def main() -> None:
     if "storage" in sections:
         print("study storage ...", flush=True)
         results["storage"] = bench_storage(args)
+    if "fleet-storage" in sections:
+        print("many workers on one study database ...", flush=True)
+        results["fleet_storage"] = bench_fleet_storage(args)
     if "serving" in sections:
         print("serving ...", flush=True)
         results["serving"] = bench_serving(args)

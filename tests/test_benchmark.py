@@ -46,6 +46,19 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
         assert sweep["wall_seconds"] > 0 and sweep["trials_per_minute"] > 0
         assert 0 <= sweep["pruned_fraction"] <= 1 and sweep["champion_test_rmse"] > 0
     assert set(results["storage"]["seconds_per_trial"]) == {"journal_file", "postgresql"}
+    fleet = results["fleet_storage"]
+    for kind in ("postgresql", "grpc_proxy"):
+        (run,) = fleet[kind]
+        assert run["workers"] == 2 and run["trials"] == 4 and run["failed_workers"] == 0, run
+        assert 0 < run["trials_per_second"] < run["ideal_trials_per_second"]
+        assert run["peak_connections"] >= 1 and run["database_cpu_seconds_per_trial"] > 0
+        assert set(run["operations"]) == {"work_left", "fail_stale_trials", "ask", "within_total",
+                                          "mark_owner", "report", "heartbeat", "tell",
+                                          "best_trial"}
+        ask = run["operations"]["ask"]
+        assert ask["calls_per_trial"] == 1 and 0 < ask["p50_ms"] <= ask["p90_ms"] <= ask["p99_ms"]
+    assert "proxy_cpu_seconds_per_trial" in fleet["grpc_proxy"][0]
+    assert "proxy_cpu_seconds_per_trial" not in fleet["postgresql"][0]
     serving = results["serving"]
     assert serving["ready_seconds"] > 0
     assert [b["rows"] for b in serving["batches"]] == [1, 100, 10_000]
@@ -61,3 +74,4 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
     assert "fit speed-up" in report and "| 2 |" in report and "postgresql" in report
     assert "| our callback adds <= 5% to fit time |" in report
     assert "## Serving" in report and "| 10000 |" in report
+    assert "| postgresql | 2 |" in report and "| grpc_proxy | 2 |" in report

@@ -107,7 +107,8 @@ class AbaloneOptunaSweeperConf:
     # null: a name made from the sweep and its search space, so a rerun resumes the same study.
     study_name: Optional[str] = None
     # A file path (Optuna journal file, safe for processes on one machine) or an SQLAlchemy URL
-    # (postgresql://..., for several hosts).
+    # (postgresql://..., for several hosts), or grpc://HOST:PORT: Optuna's storage proxy in front
+    # of such a database (python -m abalone.storage_proxy), for large fleets.
     storage: str = "optuna-studies.journal"
     # A Secrets Manager secret ARN holding the database password (plain, or RDS's JSON with
     # username and password): read by every process that opens the storage, so the password is
