@@ -52,6 +52,8 @@ class TrialContext:
     study_name: str
     metric: str
     interrupted: threading.Event  # set by the sweeper's Ctrl-C handler
+    study: optuna.Study | None = None  # None: the trial logs its model whatever its value
+    log_every_model: bool = False  # hydra.sweeper.log_models=all
 
 
 ACTIVE_TRIAL: ContextVar[TrialContext | None] = ContextVar("abalone_active_trial", default=None)
@@ -233,6 +235,22 @@ def fail_stale_trials(study: optuna.Study, stale_after: float,
         failed.append(trial.number)
         on_failed(trial)
     return failed
+
+
+def logs_model(context: TrialContext, value: float) -> bool:
+    """Whether a finished trial with objective `value` logs its model: with every model kept, or
+    when it is at least as good as every COMPLETE trial so far. A COMPLETE trial stays COMPLETE,
+    so the study's best trial, the one the sweeper registers, always passed this check, also
+    when several processes finish trials at once (ties log both)."""
+    if context.log_every_model or context.study is None:
+        return True
+    values = [t.value for t in context.study.get_trials(deepcopy=False,
+                                                        states=(TrialState.COMPLETE,))]
+    if not values:
+        return True
+    if context.study.direction == optuna.study.StudyDirection.MAXIMIZE:
+        return value >= max(values)
+    return value <= min(values)
 
 
 def kept_value(history: dict[str, list[float]], metric: str, kept_epoch: int) -> float:

@@ -4,6 +4,7 @@ where a person looks at the runs."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import os
@@ -122,6 +123,7 @@ def flat_params(cfg) -> dict[str, str]:
     return flat
 
 
+@functools.cache  # once per process: a sweep's trials run the same code
 def _git_commit() -> str | None:
     repo = Path(__file__).resolve().parent
     try:

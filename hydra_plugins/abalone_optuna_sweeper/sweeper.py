@@ -84,6 +84,7 @@ class _Sweep:
             raise ConfigError(f"hydra.sweeper.metric must be a validation metric (val_...), got "
                               f"{s.metric!r}: the test rows never choose a trial")
         self.direction = str(getattr(s.direction, "value", s.direction))
+        self.log_models = str(getattr(s.log_models, "value", s.log_models))
         base = self.sweeper.hydra_context.config_loader.load_sweep_config(
             self.sweeper.config, list(self.fixed))
         check_ranges(base)
@@ -148,6 +149,7 @@ class _Sweep:
                   "sweep.storage": self.storage_label, "sweep.metric": s.metric,
                   "sweep.direction": self.direction, "sweep.n_trials": str(self.n_trials),
                   "sweep.n_jobs": str(s.n_jobs), "sweep.max_failures": str(s.max_failures),
+                  "sweep.log_models": self.log_models,
                   "sweep.fixed_overrides": " ".join(self.fixed)}
         for group in ("sampler", "pruner"):
             conf = OmegaConf.to_container(s[group], enum_to_str=True)
@@ -256,8 +258,9 @@ class _Sweep:
 
         study.mark_owner(trial)
         overrides = [*self.fixed, *study.trial_overrides(trial.params)]
-        context = study.TrialContext(trial, self.parent_run_id, self.study_name, self.s.metric,
-                                     self.interrupted)
+        context = study.TrialContext(
+            trial, self.parent_run_id, self.study_name, self.s.metric, self.interrupted,
+            self.study, self.log_models == "all")
         token = study.ACTIVE_TRIAL.set(context)
         beating = threading.Event()
         heartbeat = threading.Thread(target=self.beat, args=(trial, beating), daemon=True)
