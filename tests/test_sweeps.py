@@ -278,6 +278,26 @@ def test_the_best_trial_always_passed_the_model_check(direction):
     assert logs_model(context, -1e9 if direction == "maximize" else 1e9)
 
 
+def test_failing_trial_does_not_stop_the_sweep(tmp_path, data_file):
+    done = run_cli(grid_args(tmp_path, "optimizer=sgd", "optimizer.momentum=0.9",
+                             "optimizer.lr=0.01,1e12"), cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(str(tmp_path / "study.journal"))
+    states = {t.params["optimizer.lr"]: t.state for t in study.trials}
+    assert states == {0.01: TrialState.COMPLETE, 1e12: TrialState.FAIL}
+    (failed,) = study.get_trials(states=(TrialState.FAIL,))
+    assert "NaN" in failed.user_attrs["error"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
+    assert run.data.tags["mlflow.note.content"] == (
+        "Failed after 1 epoch: TrainingDiverged: training loss became NaN or infinite; lower "
+        "optimizer.lr or change the model")
+    assert "objective" not in run.data.metrics
+    assert_stopped_run_artifacts(client, run.info.run_id)
+    assert "FAIL" in done.stdout + done.stderr
+
+
 def test_failure_budget_stops_the_sweep(tmp_path, data_file):
     done = run_cli(grid_args(tmp_path, "optimizer=sgd", "optimizer.lr=1e12,1e13",
                              "hydra.sweeper.max_failures=2"), cwd=tmp_path, data=data_file)
