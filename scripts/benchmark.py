@@ -439,8 +439,7 @@ def trial_breakdown(data_path: str, tracking_uri: str, trials: int,
     (first epoch's start to last epoch's end, as `total_training_time`), tracing (first epoch
     minus second, part of fit time), its overhead (wall minus fit time; and the CPU seconds of
     all threads outside fit time, steadier than wall seconds on a busy machine) and each part.
-    The rest of the overhead is Hydra composing the trial's config and setting up its job, plus
-    what no part names ("other")."""
+    The rest of the overhead, "Hydra job set-up and other", is what no part names."""
     import importlib
     import threading
 
