@@ -11,6 +11,7 @@ with it; validation rows come out of the rest with `data.split_seed`.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import math
 import os
@@ -91,7 +92,14 @@ def _cached_download(url: str, sha256: str, cache_dir: Path) -> Path:
 
 
 def load(path: Path) -> pd.DataFrame:
-    """Read and validate the UCI file; raise DataError at the first bad field."""
+    """Read and validate the UCI file; raise DataError at the first bad field. A sweep's trials
+    share one read of the unchanged file (don't modify the frame: split copies its rows)."""
+    stat = path.stat()
+    return _read(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _read(path: Path, mtime_ns: int, size: int) -> pd.DataFrame:
     rows: list[list] = []
     with open(path, newline="", encoding="utf-8", errors="strict") as f:
         try:

@@ -80,6 +80,8 @@ class TrialContext:
     interrupted: threading.Event  # set by the sweeper's Ctrl-C handler
     measures: tuple[str, ...] = ()  # every value the sweep optimises or constrains
     prune: bool = True  # False for multi-objective studies (Optuna cannot prune them)
+    study: optuna.Study | None = None  # None: the trial logs its model whatever its value
+    log_every_model: bool = False  # hydra.sweeper.log_models=all
 
 
 ACTIVE_TRIAL: ContextVar[TrialContext | None] = ContextVar("abalone_active_trial", default=None)
@@ -524,6 +526,22 @@ def fail_stale_trials(study: optuna.Study, stale_after: float,
         failed.append(trial.number)
         on_failed(trial)
     return failed
+
+
+def logs_model(context: TrialContext, value: float) -> bool:
+    """Whether a finished trial with `value` on the first metric logs its model: with every model
+    kept, or when it is at least as good as every trial that may become the champion so far
+    (`candidates`). Those stay candidates, and the champion is the best of them on the first
+    metric (also within a Pareto front), so it always passed this check, also when several
+    processes finish trials at once (ties log both)."""
+    if context.log_every_model or context.study is None:
+        return True
+    values = [t.values[0] for t in candidates(context.study)]
+    if not values:
+        return True
+    if context.study.directions[0] == optuna.study.StudyDirection.MAXIMIZE:
+        return value >= max(values)
+    return value <= min(values)
 
 
 def kept_value(history: dict[str, list[float]], metric: str, kept_epoch: int) -> float:

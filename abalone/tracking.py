@@ -4,6 +4,7 @@ connected, what a run records besides metrics, and where a person looks at the r
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import os
@@ -257,6 +258,7 @@ def flat_params(cfg) -> dict[str, str]:
     return flat
 
 
+@functools.cache  # once per process: a sweep's trials run the same code
 def _git_commit() -> str | None:
     repo = Path(__file__).resolve().parent
     try:

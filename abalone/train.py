@@ -225,8 +225,9 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None,
         metrics.update(model_properties(model, test_x, keras))
         result = RunResult(run_id, experiment_id, metrics, len(history.history["loss"]),
                            fit_seconds)
+        with_model = True
         if trial:
-            from abalone.study import kept_value
+            from abalone.study import kept_value, logs_model
 
             restored = early_stopping is not None and early_stopping.best_weights is not None
             kept = early_stopping.best_epoch if restored else result.epochs_run - 1
@@ -239,9 +240,10 @@ def run_training(cfg: DictConfig, output_dir: Path, trial=None,
                 result.measured[name] = value
             result.objective = result.measured[trial.metric]
             result.objective_epoch = kept + 1
+            with_model = logs_model(trial, result.objective)
 
         save_outputs(cfg, model, history.history, splits.test, predicted, output_dir, result,
-                     trial)
+                     trial, with_model)
     except BaseException as err:
         # During a sweep's Ctrl-C, TensorFlow may raise its own error instead of the interrupt.
         interrupted = trial is not None and trial.interrupted.is_set()
@@ -287,7 +289,8 @@ def end_stopped_run(cfg: DictConfig, error: BaseException, history: dict, output
         mlflow.set_tag("mlflow.note.content", note)
         if not (interrupted or isinstance(error, KeyboardInterrupt)):
             mlflow.log_artifact(str(save_config(cfg, output_dir)))
-            if epochs:
+            # A pruned trial's curves are its per-epoch metrics, which MLflow charts itself.
+            if epochs and not isinstance(error, optuna.TrialPruned):
                 mlflow.log_artifact(str(evaluate.save_learning_curves(
                     history, output_dir / "plots")), artifact_path="plots")
     except Exception as record_error:  # noqa: BLE001 - never hides the run's own error
@@ -309,17 +312,22 @@ def save_config(cfg: DictConfig, output_dir: Path) -> Path:
 
 
 def save_outputs(cfg: DictConfig, model, history: dict, test_rows, predicted, output_dir: Path,
-                 result: RunResult, trial) -> None:
+                 result: RunResult, trial, with_model: bool = True) -> None:
     """Write the run's folder (config, plots, Keras model), upload it to output.s3_uri, and log
-    it to the active MLflow run with the pyfunc model; register the model outside sweeps."""
+    it to the active MLflow run with the pyfunc model; register the model outside sweeps.
+    Without `with_model` (a trial that is not the best so far) only config.yaml is written and
+    logged: its plots and model would cost most of a short trial's time and never be used."""
     import mlflow
+    from mlflow.entities import Metric, RunTag
 
     from abalone import data, evaluate, tracking
 
     config_path = save_config(cfg, output_dir)
-    plots = evaluate.save_plots(history, data.target(test_rows), predicted, output_dir / "plots")
-    keras_path = output_dir / "model.keras"
-    model.save(keras_path)
+    plots, keras_path = [], output_dir / "model.keras"
+    if with_model:
+        plots = evaluate.save_plots(history, data.target(test_rows), predicted,
+                                    output_dir / "plots")
+        model.save(keras_path)
     if cfg.output.s3_uri:
         from abalone import aws
 
@@ -328,20 +336,25 @@ def save_outputs(cfg: DictConfig, model, history: dict, test_rows, predicted, ou
         log.info("outputs uploaded to %s", result.s3_location)
     if not result.run_id:
         return
-    if result.s3_location:
-        mlflow.set_tag("output.s3_location", result.s3_location)
-    mlflow.log_metrics(result.metrics)
+    # One request for the held-out metrics and the tags. A trial's optuna.state is overwritten
+    # (FAIL) should logging its model fail.
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, 0) for key, value in result.metrics.items()]
+    tags = [RunTag("output.s3_location", result.s3_location)] if result.s3_location else []
     if trial:
         from abalone.study import OBJECTIVE
 
-        mlflow.log_metric(OBJECTIVE, result.objective, step=result.objective_epoch)
+        metrics.append(Metric(OBJECTIVE, result.objective, now, result.objective_epoch))
+        tags.append(RunTag("optuna.state", "COMPLETE"))
+    mlflow.MlflowClient().log_batch(result.run_id, metrics=metrics, tags=tags)
     mlflow.log_artifact(str(config_path))
     for plot in plots:
         mlflow.log_artifact(str(plot), artifact_path="plots")
+    if not with_model:
+        return
     model_uri = tracking.log_model(keras_path, test_rows, predicted)
     if trial:
         trial.trial.set_user_attr("mlflow_model_uri", model_uri)
-        mlflow.set_tag("optuna.state", "COMPLETE")
     elif cfg.tracking.register:
         result.model_version = tracking.register(model_uri, cfg.tracking.registered_model,
                                                  result.run_id, result.metrics).version

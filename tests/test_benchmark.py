@@ -41,6 +41,19 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
     assert c["pairs"] == 1 and len(c["pair_seconds"]) == 1 and len(c["overhead_quartiles"]) == 2
     # Per epoch: loss, mae, val_loss, val_mae, epoch_duration, avg_epoch_duration, learning_rate.
     assert c["sample_style_requests"] == 2 * 7
+    overhead = results["overhead"]
+    assert set(overhead) == {"sqlite", "server", "sqlite, log_models=all"}
+    for store in overhead.values():
+        assert store["trials"] == 2 and len(store["per_trial"]) == 2  # the trials after the first
+        assert 0 < store["overhead"] < store["wall"] and 0 < store["fit time"] < store["wall"]
+        assert store["overhead CPU"] > 0 and store["load_average"] >= 0
+        parts = store["parts"]
+        for part in ("Optuna ask/tell and storage", "Hydra: composing the trial's config",
+                     "model build and compile", "MLflow run start and tags",
+                     "MLflow params; final metrics and tags", "evaluation", "MLflow run end"):
+            assert parts[part] > 0, part
+        # Named parts never overlap: in every trial they fit in its overhead.
+        assert all(trial["Hydra job set-up and other"] > -0.01 for trial in store["per_trial"])
     assert [s["n_jobs"] for s in results["sweeps"]] == [1, 2]
     for sweep in results["sweeps"]:
         assert sweep["wall_seconds"] > 0 and sweep["trials_per_minute"] > 0
@@ -67,11 +80,16 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
         assert 0 < batch["median_ms"] <= batch["p90_ms"]
     assert all(value is not None for _, value in numbers(results) if _ != ".settings.postgres_url")
     met = {t["target"]: t["met"] for t in results["targets"]}
-    assert len(met) == 5 + 2 * 2  # default run (4), callback, and 2 per sweep
+    # default run (4), callback, overhead (2 stores), 2 per sweep, 1 more for n_jobs=2 (#13)
+    assert len(met) == 5 + 2 + 2 * 2 + 1
     assert met["50-trial sweep=search within 5 min (n_jobs=1)"].startswith("n/a (2 trials")
+    assert met["50-trial sweep=search within 2 min, champion's test RMSE <= 2.10 (n_jobs=2)"
+               ].startswith("n/a (2 trials")
+    assert {met["per-trial overhead <= 0.5 s (two-epoch trials, sqlite)"]} <= {"yes", "NO"}
     assert {met["our callback adds <= 5% to fit time"]} <= {"yes", "NO"}
     report = (tmp_path / "out" / "benchmark.md").read_text()
     assert "fit speed-up" in report and "| 2 |" in report and "postgresql" in report
     assert "| our callback adds <= 5% to fit time |" in report
     assert "## Serving" in report and "| 10000 |" in report
     assert "| postgresql | 2 |" in report and "| grpc_proxy | 2 |" in report
+    assert "## Per-trial overhead" in report and "| model build and compile |" in report

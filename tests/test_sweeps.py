@@ -181,15 +181,101 @@ def test_plain_grid_is_one_parent_and_pruning_prunes(tmp_path, data_file):
         assert (objective.step, objective.value) == (epoch + 1, pytest.approx(value))
         assert run.data.tags["mlflow.note.content"].startswith(
             f"Pruned at epoch {epoch + 1} with val_rmse {value:.4f}")
-        assert_stopped_run_artifacts(client, run.info.run_id)
+        # Its curves are its per-epoch metrics; no plots, no model.
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml"}
 
 
 def assert_stopped_run_artifacts(client: MlflowClient, run_id: str) -> None:
-    """A pruned or failed trial logs the config and its learning curves so far, no model."""
+    """A failed trial logs the config and its learning curves so far, no model."""
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert artifacts == {"config.yaml", "plots"}
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert plots == {"plots/learning_curves.png"}
+
+
+def test_trials_log_their_model_only_when_best_so_far(tmp_path, data_file):
+    # Two hopeless learning rates among two good ones, in the grid sampler's shuffled order.
+    done = run_cli(grid_args(tmp_path, "optimizer.lr=0.000001,0.02", "trainer.seed=1,2"),
+                   cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(str(tmp_path / "study.journal"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    with_model = {m.source_run_id for m in client.search_logged_models([experiment_id])}
+    best_so_far, skipped = float("inf"), 0
+    for trial in sorted(study.trials, key=lambda t: t.number):  # one process: in this order
+        assert trial.state == TrialState.COMPLETE
+        run_id = trial.user_attrs["mlflow_run_id"]
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        run = client.get_run(run_id)
+        # Every trial keeps its config, params, per-epoch and held-out metrics.
+        assert len(client.get_metric_history(run_id, "val_rmse")) == 3
+        assert "test_rmse" in run.data.metrics and run.data.params["optimizer.lr"]
+        output = tmp_path / "multirun"
+        (trial_dir,) = [p.parent for p in output.glob(f"*/*/{trial.number}/config.yaml")]
+        if trial.value <= best_so_far:
+            best_so_far = trial.value
+            assert artifacts == {"config.yaml", "plots"} and run_id in with_model
+            assert trial.user_attrs["mlflow_model_uri"].startswith("models:/")
+            assert (trial_dir / "model.keras").is_file()
+        else:
+            skipped += 1
+            assert artifacts == {"config.yaml"} and run_id not in with_model
+            assert "mlflow_model_uri" not in trial.user_attrs
+            assert not (trial_dir / "model.keras").exists()
+    assert skipped, "the grid's order left no trial worse than an earlier one"
+    (version,) = client.search_model_versions(f"name='{MODEL}'")
+    assert version.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+
+    # hydra.sweeper.log_models=all: every finished trial logs its model.
+    done = run_cli(grid_args(tmp_path, "optimizer.lr=0.000001,0.02",
+                             "hydra.sweeper.log_models=all",
+                             f"hydra.sweeper.storage={tmp_path / 'all.journal'}"),
+                   cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(str(tmp_path / "all.journal"))
+    with_model = {m.source_run_id for m in client.search_logged_models([experiment_id])}
+    for trial in study.trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "plots"}
+        assert run_id in with_model and "mlflow_model_uri" in trial.user_attrs
+    parent = client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.params["sweep.log_models"] == "all"
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_the_best_trial_always_passed_the_model_check(direction):
+    # Trials finishing at once in several processes: each checks against the COMPLETE trials it
+    # sees, then reports. Whatever the interleaving, the study's best trial logged its model.
+    import random
+    import threading
+
+    from abalone.study import TrialContext, logs_model
+
+    rng = random.Random(0)
+    skipped = 0
+    for _ in range(100):
+        study = optuna.create_study(direction=direction)
+        values = [round(rng.uniform(0, 5), 1) for _ in range(8)]  # ties happen
+        trials = [study.ask() for _ in values]
+        steps = [0] * len(trials)  # 0: to check, 1: to report, 2: done
+        logged = set()
+        while any(step < 2 for step in steps):
+            i = rng.choice([i for i, step in enumerate(steps) if step < 2])
+            if steps[i] == 0:
+                context = TrialContext(trials[i], None, study.study_name, "val_rmse",
+                                       threading.Event(), study)
+                if logs_model(context, values[i]):
+                    logged.add(trials[i].number)
+            else:
+                study.tell(trials[i], values[i])
+            steps[i] += 1
+        assert study.best_trial.number in logged
+        skipped += len(trials) - len(logged)
+    assert skipped > 100  # most trials skip their model
+    context = TrialContext(trials[0], None, study.study_name, "val_rmse", threading.Event(), study,
+                           log_every_model=True)
+    assert logs_model(context, -1e9 if direction == "maximize" else 1e9)
 
 
 def test_failing_trial_does_not_stop_the_sweep(tmp_path, data_file):

@@ -35,6 +35,11 @@ class PrunerName(str, Enum):
     none = "none"
 
 
+class LogModels(str, Enum):
+    best = "best"
+    all = "all"
+
+
 class Direction(str, Enum):
     minimize = "minimize"
     maximize = "maximize"
@@ -104,6 +109,9 @@ class AbaloneOptunaSweeperConf:
     n_trials: Optional[int] = None
     n_jobs: int = 1  # trial processes on this machine
     max_failures: int = 5  # failed trials one process tolerates before it stops the sweep
+    # best: a trial logs its model (and plots, model.keras) only when its objective is the best
+    # so far as it finishes, which the champion's always is; all: every COMPLETE trial does.
+    log_models: LogModels = LogModels.best
     # null: a name made from the sweep and its search space, so a rerun resumes the same study.
     study_name: Optional[str] = None
     # A file path (Optuna journal file, safe for processes on one machine) or an SQLAlchemy URL

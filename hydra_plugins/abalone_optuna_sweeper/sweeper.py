@@ -93,6 +93,7 @@ class _Sweep:
             raise ConfigError("nothing to sweep: select a sweep (sweep=quick) or give values to "
                               "try on the command line (model=wide,deep optimizer.lr=0.001,0.01)")
         self.prepare_objectives()
+        self.log_models = str(getattr(s.log_models, "value", s.log_models))
         base = self.sweeper.hydra_context.config_loader.load_sweep_config(
             self.sweeper.config, list(self.fixed))
         check_ranges(base)
@@ -282,6 +283,7 @@ class _Sweep:
                   "sweep.n_trials": str(self.n_trials),
                   "sweep.n_jobs": str(s.n_jobs), "sweep.max_failures": str(s.max_failures),
                   "sweep.workers": self.workers_choice,
+                  "sweep.log_models": self.log_models,
                   "sweep.fixed_overrides": " ".join(self.fixed)}
         for group in ("sampler", "pruner"):
             conf = OmegaConf.to_container(s[group], enum_to_str=True)
@@ -513,7 +515,8 @@ class _Sweep:
                                      self.metrics[0], self.interrupted,
                                      tuple(dict.fromkeys(
                                          [*self.metrics, *(c.name for c in self.constraints)])),
-                                     self.prune)
+                                     self.prune, study=self.study,
+                                     log_every_model=self.log_models == "all")
         token = study.ACTIVE_TRIAL.set(context)
         beating = threading.Event()
         heartbeat = threading.Thread(target=self.beat, args=(trial, beating), daemon=True)
