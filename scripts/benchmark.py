@@ -643,6 +643,7 @@ def bench_fleet_storage(args) -> dict:
     finally:
         proxy.terminate()
         proxy.wait(timeout=30)
+    return result
 
 
 # The parts of a trial's time, roughly in the order a trial meets them: label -> [(where,

@@ -18,10 +18,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import mlflow
 import optuna
 import pytest
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -179,6 +177,26 @@ def test_sweep_rides_out_restarts_mid_trial_between_trials_and_at_registration(
     assert_champion(client, study)
 
 
+PERMANENT_ERRORS_CHECK = """
+import sys
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from abalone import tracking
+from abalone.config import TrackingConfig
+
+url, run_id = sys.argv[1:]
+tracking.connect(OmegaConf.structured(TrackingConfig(uri=url, outage_grace=30)))
+print("connected", flush=True)
+for _ in sys.stdin:  # the test sets the proxy's answer, then asks for one request
+    try:
+        MlflowClient(tracking_uri=url).get_run(run_id)
+        print("answered", flush=True)
+    except MlflowException:
+        print("MlflowException", flush=True)
+"""
+
+
 class ThrottlingProxy(ThreadingHTTPServer):
     """Forwards to the MLflow server, or answers every request with `status` while it is set."""
 
@@ -240,7 +258,6 @@ def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttl
     server.start()
     proxy = ThrottlingProxy(server.port)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    tracking_uri = mlflow.get_tracking_uri()  # the permanent errors' check below changes it
     try:
         # The same sweep again (the default grace), through a proxy that throttles a while.
         sweep = Sweep([*args, f"tracking.uri={proxy.url}"], tmp_path, data_file)
@@ -265,18 +282,20 @@ def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttl
         assert parent.info.status == "FINISHED"
         assert_champion(client, study)
 
-        # Permanent errors are not retried: one request, one error.
-        from omegaconf import OmegaConf
-
-        from abalone import tracking
-        from abalone.config import TrackingConfig
-
-        tracking.connect(OmegaConf.structured(TrackingConfig(uri=proxy.url, outage_grace=30)))
+        # Permanent errors are not retried: one request, one error. In a process of its own:
+        # connect() sets its process's MLflow tracking URI, which would outlive this test.
+        check = subprocess.Popen(
+            [sys.executable, "-c", PERMANENT_ERRORS_CHECK, proxy.url, runs[1].info.run_id],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+        assert check.stdout.readline().strip() == "connected"
         for status in (403, 404, 400, 500):
             proxy.status = status
-            with pytest.raises(MlflowException):
-                MlflowClient(tracking_uri=proxy.url).get_run(runs[1].info.run_id)
+            check.stdin.write("next\n")
+            check.stdin.flush()
+            assert check.stdout.readline().strip() == "MlflowException", status
             assert proxy.answered[status] == 1, status
+        check.stdin.close()
+        assert check.wait(timeout=60) == 0
     finally:
-        mlflow.set_tracking_uri(tracking_uri)
         proxy.shutdown()

@@ -86,8 +86,11 @@ def fleet_database(postgres_url):
     connection = psycopg2.connect(admin)
     connection.autocommit = True
     with connection.cursor() as cursor:
-        cursor.execute("DROP ROLE IF EXISTS abalone_fleet; CREATE ROLE abalone_fleet LOGIN "
-                       f"PASSWORD '{DB_PASSWORD}'; ALTER DATABASE {name} OWNER TO abalone_fleet")
+        # One role for the session's tests (another test's database may still be its own).
+        cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = 'abalone_fleet'")
+        if cursor.fetchone() is None:
+            cursor.execute(f"CREATE ROLE abalone_fleet LOGIN PASSWORD '{DB_PASSWORD}'")
+        cursor.execute(f"ALTER DATABASE {name} OWNER TO abalone_fleet")
         cursor.execute("SHOW hba_file")
         hba = Path(cursor.fetchone()[0])
         hba.write_text(f"host {name} abalone_fleet 127.0.0.1/32 scram-sha-256\n"
@@ -128,7 +131,7 @@ def start_like_sagemaker(env: dict, request: dict, opt_ml: Path, moto_url: str):
 def test_recorded_jobs_hold_every_field_no_secret_and_finish_the_study(
         tmp_path, data_file, moto_aws, fleet_database, mlflow_server, podman_env, standin_base):
     moto_url, recording = moto_aws
-    image = build_image(podman_env, standin_base, IMAGE)
+    build_image(podman_env, standin_base, IMAGE)
     secret_arn = boto3.client("secretsmanager").create_secret(
         Name="abalone-optuna-db",
         SecretString=json.dumps({"username": "abalone_fleet", "password": DB_PASSWORD}))["ARN"]

@@ -264,7 +264,7 @@ def test_the_best_trial_always_passed_the_model_check(direction):
             i = rng.choice([i for i, step in enumerate(steps) if step < 2])
             if steps[i] == 0:
                 context = TrialContext(trials[i], None, study.study_name, "val_rmse",
-                                       threading.Event(), study)
+                                       threading.Event(), study=study)
                 if logs_model(context, values[i]):
                     logged.add(trials[i].number)
             else:
