@@ -174,17 +174,45 @@ def test_search_setting_errors_fail_before_any_trial(tmp_path, data_file):
          "hydra.sweeper.custom_search_space=abalone.nowhere:f"),
         (["hydra.sweeper.sampler.popsize=4", "optimizer.lr=0.01,0.02"], "popsize"),
     ]
-    if importlib.util.find_spec("torch") is None:  # the gp extra is not installed
-        cases.append((["optimizer.lr=interval(0.001, 0.01)", "hydra.sweeper.sampler.name=gp",
-                       "hydra.sweeper.n_trials=2"],
-                      "hydra.sweeper.sampler.name=gp needs PyTorch, which is not installed: "
-                      "pip install 'abalone[gp]'"))
     for args, words in cases:
         done = run_cli(["-m", *args], cwd=tmp_path, data=data_file)
         assert done.returncode != 0, args
         assert words in done.stderr, (args, done.stderr[-2000:])
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "optuna-studies.journal").exists()
+
+
+def test_gp_sampler_and_terminator_run_a_sweep(tmp_path, data_file):
+    # Two random trials, then the Gaussian process proposes; the terminator is asked after each
+    # trial from the third on and either lets the study run to n_trials or stops it, saying so.
+    out = sweep(tmp_path, data_file, "hydra.sweeper.study_name=gp", "hydra.sweeper.n_trials=4",
+                "optimizer.lr=tag(log, interval(0.001, 0.03))", "hydra.sweeper.sampler.name=gp",
+                "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweeper.stop.rule=terminator",
+                "hydra.sweeper.stop.patience=3")
+    study = load(tmp_path, "gp")
+    trials = study.trials
+    stopped = study.user_attrs.get("stopped")
+    assert len(trials) == (4 if stopped is None else stopped["after_trial"] + 1), out[-3000:]
+    assert len(trials) >= 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(0.001 <= t.params["optimizer.lr"] <= 0.03 for t in trials)
+    if stopped:
+        assert "Optuna's terminator" in stopped["reason"] and "the study stops early" in out
+    (parent,), _ = sweep_runs(local_client(tmp_path))
+    assert parent.data.params["sweep.sampler.name"] == "gp"
+    assert parent.data.params["sweep.sampler.n_startup_trials"] == "2"
+
+
+def test_gp_without_pytorch_names_the_extra(monkeypatch):
+    from abalone.config import ConfigError
+    from abalone.study import require_torch
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "torch" else find_spec(name, *args))
+    with pytest.raises(ConfigError, match=re.escape(
+            "hydra.sweeper.sampler.name=gp needs PyTorch, which is not installed: "
+            "pip install 'abalone[gp]'")):
+        require_torch("hydra.sweeper.sampler.name=gp")
 
 
 def test_constraint_and_starting_point_checks_name_the_setting():
@@ -222,9 +250,8 @@ def test_every_sampler_draws_from_its_space():
     space, _, _ = search_space({"optimizer.lr": "tag(log, interval(0.001, 0.03))",
                                 "model.depth": "range(1, 4)"}, [])
     for name in SamplerName:
-        if name is SamplerName.grid or (name is SamplerName.gp
-                                        and importlib.util.find_spec("torch") is None):
-            continue  # grid: tests/test_sweeps.py; gp without PyTorch: the error case above
+        if name is SamplerName.grid:
+            continue  # tests/test_sweeps.py
         for directions in (["minimize"], ["minimize", "minimize"]):
             if name is SamplerName.cmaes and len(directions) > 1:
                 continue
