@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from abalone.config import AbaloneError
 
-log = logging.getLogger("abalone")
+log = logging.getLogger(__name__)
 
 
 def current_learning_rate(optimizer) -> float:

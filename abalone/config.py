@@ -116,9 +116,9 @@ class OutputConfig:
 @dataclass
 class SageMakerWorkersConfig:
     """workers=sagemaker: `count` SageMaker training jobs of our image, each host a worker
-    (conf/workers/sagemaker.yaml; the request is built and checked in abalone/aws.py)."""
+    (conf/workers/sagemaker.yaml; the request is built and checked in abalone/workers/sagemaker.py)."""
 
-    _target_: str = "abalone.aws.SageMakerWorkers"
+    _target_: str = "abalone.workers.SageMakerWorkers"
     count: int = 2  # training jobs
     image_uri: str = MISSING  # our image in ECR (scripts/push_image.sh prints it)
     role_arn: str = MISSING  # the jobs' execution role (iam/sagemaker-worker-policy.json)
@@ -142,14 +142,14 @@ class SageMakerWorkersConfig:
 class LocalWorkersConfig:
     """Trials in `hydra.sweeper.n_jobs` processes on this machine, the command's own one of them."""
 
-    _target_: str = "abalone.fleet.LocalWorkers"
+    _target_: str = "abalone.workers.LocalWorkers"
 
 
 @dataclass
 class ContainerWorkersConfig:
     """`count` containers of our image on this machine (scripts/run_training.sh starts each)."""
 
-    _target_: str = "abalone.fleet.ContainerWorkers"
+    _target_: str = "abalone.workers.ContainerWorkers"
     count: int = 2
     engine: Optional[str] = None  # docker or podman; null: docker if installed, else podman
     image: str = "abalone-dlc:latest"
@@ -182,7 +182,8 @@ ConfigStore.instance().store(group="workers", name="container_schema",
 ConfigStore.instance().store(group="workers", name="sagemaker_schema", node=SageMakerWorkersConfig)
 
 
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """The one form of a settings check: fail naming the key, its rule and the value given."""
     if not ok:
         raise ConfigError(f"config key {key} must be {rule}, got {value!r}")
 
@@ -190,30 +191,30 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
 def check_ranges(cfg: Any) -> None:
     """Raise ConfigError naming the first key whose value is out of its range."""
     m, o, d, t, tr = cfg.model, cfg.optimizer, cfg.data, cfg.trainer, cfg.tracking
-    _require(m.units >= 1, "model.units", ">= 1", m.units)
-    _require(m.depth >= 1, "model.depth", ">= 1", m.depth)
-    _require(m.taper > 0, "model.taper", "> 0", m.taper)
-    _require(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
-    _require(o.lr > 0, "optimizer.lr", "> 0", o.lr)
-    _require(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0", o.weight_decay)
-    _require(0 <= o.momentum < 1, "optimizer.momentum", "in [0, 1)", o.momentum)
-    _require(0 < o.decay_rate <= 1, "optimizer.decay_rate", "in (0, 1]", o.decay_rate)
-    _require(0 <= o.final_lr_fraction <= 1, "optimizer.final_lr_fraction", "in [0, 1]",
+    require(m.units >= 1, "model.units", ">= 1", m.units)
+    require(m.depth >= 1, "model.depth", ">= 1", m.depth)
+    require(m.taper > 0, "model.taper", "> 0", m.taper)
+    require(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    require(o.lr > 0, "optimizer.lr", "> 0", o.lr)
+    require(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0", o.weight_decay)
+    require(0 <= o.momentum < 1, "optimizer.momentum", "in [0, 1)", o.momentum)
+    require(0 < o.decay_rate <= 1, "optimizer.decay_rate", "in (0, 1]", o.decay_rate)
+    require(0 <= o.final_lr_fraction <= 1, "optimizer.final_lr_fraction", "in [0, 1]",
              o.final_lr_fraction)
-    _require(0 < d.test_fraction < 1, "data.test_fraction", "in (0, 1)", d.test_fraction)
-    _require(0 < d.val_fraction < 1, "data.val_fraction", "in (0, 1)", d.val_fraction)
-    _require(t.epochs >= 1, "trainer.epochs", ">= 1", t.epochs)
-    _require(t.batch_size >= 1, "trainer.batch_size", ">= 1", t.batch_size)
-    _require(t.patience >= 0, "trainer.patience", ">= 0", t.patience)
-    _require(t.verbose in (0, 1), "trainer.verbose", "0 or 1", t.verbose)
-    _require(t.steps_per_execution >= 0, "trainer.steps_per_execution", ">= 0",
+    require(0 < d.test_fraction < 1, "data.test_fraction", "in (0, 1)", d.test_fraction)
+    require(0 < d.val_fraction < 1, "data.val_fraction", "in (0, 1)", d.val_fraction)
+    require(t.epochs >= 1, "trainer.epochs", ">= 1", t.epochs)
+    require(t.batch_size >= 1, "trainer.batch_size", ">= 1", t.batch_size)
+    require(t.patience >= 0, "trainer.patience", ">= 0", t.patience)
+    require(t.verbose in (0, 1), "trainer.verbose", "0 or 1", t.verbose)
+    require(t.steps_per_execution >= 0, "trainer.steps_per_execution", ">= 0",
              t.steps_per_execution)
-    _require(tr.connect_timeout > 0, "tracking.connect_timeout", "> 0", tr.connect_timeout)
-    _require(tr.outage_grace >= 0, "tracking.outage_grace", ">= 0", tr.outage_grace)
-    _require(bool(tr.uri or tr.arn or tr.server_name) or not tr.enabled, "tracking.uri",
+    require(tr.connect_timeout > 0, "tracking.connect_timeout", "> 0", tr.connect_timeout)
+    require(tr.outage_grace >= 0, "tracking.outage_grace", ">= 0", tr.outage_grace)
+    require(bool(tr.uri or tr.arn or tr.server_name) or not tr.enabled, "tracking.uri",
              "set (or tracking.arn, or tracking.server_name for SageMaker)", tr.uri)
-    _require(not cfg.output.s3_uri or cfg.output.s3_uri.startswith("s3://"), "output.s3_uri",
+    require(not cfg.output.s3_uri or cfg.output.s3_uri.startswith("s3://"), "output.s3_uri",
              "an s3://bucket/prefix URI", cfg.output.s3_uri)
-    _require(bool(tr.experiment), "tracking.experiment", "a non-empty name", tr.experiment)
-    _require(bool(tr.registered_model) or not tr.register, "tracking.registered_model",
+    require(bool(tr.experiment), "tracking.experiment", "a non-empty name", tr.experiment)
+    require(bool(tr.registered_model) or not tr.register, "tracking.registered_model",
              "a non-empty name when tracking.register=true", tr.registered_model)

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra_plugins.abalone_optuna_sweeper.sweeper import RANK_ENV
+from abalone.trial import RANK_ENV
 
 SAGEMAKER = Path("/opt/ml")
 CHANNEL = SAGEMAKER / "input" / "data" / "training"

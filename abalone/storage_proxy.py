@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 
-from abalone.study import make_storage
-from abalone.tracking import redact
+from abalone.redact import redact
+from abalone.sweep.storage import make_storage
 
 
 def main(argv: list[str] | None = None) -> None:

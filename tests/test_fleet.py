@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from abalone.sweep.slots import retried_number
 from conftest import TINY, free_port, run_cli, sweep_runs
 from test_container import podman, podman_env, project_image, standin_base  # noqa: F401 (fixtures)
 
@@ -77,7 +78,7 @@ def test_container_workers_share_one_study_and_a_rerun_retries_a_killed_containe
                                                                            podman_env)
                 if name:
                     podman(podman_env, "kill", name)
-                    killed_trial = trial.number
+                    killed_trial, killed_at = trial.number, time.time()
                     break
         time.sleep(2)
         coordinator.send_signal(signal.SIGINT)
@@ -97,13 +98,12 @@ def test_container_workers_share_one_study_and_a_rerun_retries_a_killed_containe
     # The killed container's trial is left RUNNING; the stopped ones' trials are queued again.
     assert by_number[killed_trial].state == TrialState.RUNNING, [t.state for t in trials]
     assert not [t for t in trials if t.state == TrialState.RUNNING and t.number != killed_trial]
-    assert all(any(w.user_attrs.get("retry_of") == t.number for w in trials)
+    assert all(any(retried_number(w) == t.number for w in trials)
                for t in trials if t.state == TrialState.FAIL)
 
-    # The rerun, once the killed trial's heartbeat is older than stale_after: it fails that
-    # trial, queues it again and finishes the study.
-    beat = by_number[killed_trial].user_attrs["heartbeat"]
-    time.sleep(max(0.0, beat + STALE_AFTER + 1 - time.time()))
+    # The rerun, once the killed trial's last heartbeat (Optuna's, in the database) is older
+    # than stale_after: it fails that trial, queues it again and finishes the study.
+    time.sleep(max(0.0, killed_at + STALE_AFTER + 1 - time.time()))
     done = run_cli(command, cwd=tmp_path, data=data_file, env={
         "CONTAINERS_CONF": podman_env["CONTAINERS_CONF"]}, timeout=600)
     second = done.stdout + done.stderr
@@ -114,7 +114,7 @@ def test_container_workers_share_one_study_and_a_rerun_retries_a_killed_containe
     states = [t.state for t in trials]
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
     assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == n_trials
-    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed_trial]
+    retries = [t for t in trials if retried_number(t) == killed_trial]
     assert [t.state for t in retries] in ([TrialState.COMPLETE], [TrialState.PRUNED])
     assert retries[0].params == by_number[killed_trial].params
     assert {t.number: t for t in trials}[killed_trial].state == TrialState.FAIL

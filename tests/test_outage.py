@@ -99,7 +99,7 @@ class Sweep:
 
 
 def load_study(cwd: Path) -> optuna.Study:
-    from abalone.study import make_storage
+    from abalone.sweep.storage import make_storage
 
     storage = make_storage(str(cwd / "optuna-studies.journal"))
     (summary,) = optuna.get_all_study_summaries(storage)

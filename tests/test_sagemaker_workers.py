@@ -28,7 +28,8 @@ from test_container import build_image, podman, podman_env, standin_base  # noqa
 
 from abalone import aws
 from abalone.config import ConfigError
-from abalone.study import make_storage
+from abalone.workers import SageMakerWorkers
+from abalone.sweep.storage import make_storage
 
 IMAGE = "localhost/abalone-dlc-fleet-test:latest"
 ACCOUNT = "123456789012"  # moto's
@@ -137,18 +138,18 @@ def test_recorded_jobs_hold_every_field_no_secret_and_finish_the_study(
         SecretString=json.dumps({"username": "abalone_fleet", "password": DB_PASSWORD}))["ARN"]
 
     # The coordinator's part: the parent run, then the workers with its argv and environment.
-    from abalone import tracking
+    from abalone.tracking import sweep_runs
 
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment_id = client.create_experiment("abalone-tensorflow-experiment")
-    parent = tracking.open_parent_run(client, experiment_id, "fleet-test", "pg", {})
+    parent = sweep_runs.open_parent_run(client, experiment_id, "fleet-test", "pg", {})
     argv = ["-m", "sweep=quick", "trainer.epochs=2", "trainer.patience=0",
             "hydra.sweeper.n_trials=3", "tracking=server", f"tracking.uri={mlflow_server}",
             "hydra.sweeper.n_jobs=1", "hydra.sweeper.study_name=fleet-test",
             f"hydra.sweeper.storage={fleet_database}",
             f"hydra.sweeper.storage_password_secret={secret_arn}"]
     env = {"ABALONE_SWEEP_PARENT_RUN_ID": parent, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
-    workers = aws.SageMakerWorkers(**SETTINGS)
+    workers = SageMakerWorkers(**SETTINGS)
     workers.start(argv, env)
 
     requests = recorded(recording, "CreateTrainingJob")
@@ -235,7 +236,7 @@ def test_a_request_with_a_secret_is_refused_before_anything_is_sent(monkeypatch,
                                                                    settings, words):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFLEETTEST")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-    workers = aws.SageMakerWorkers(**{**SETTINGS, **settings})
+    workers = SageMakerWorkers(**{**SETTINGS, **settings})
     with pytest.raises(aws.AwsError) as raised:
         workers.start(argv, env)
     message = str(raised.value)
@@ -244,7 +245,7 @@ def test_a_request_with_a_secret_is_refused_before_anything_is_sent(monkeypatch,
     assert workers.jobs == [] and workers._client is None  # no client, no request
 
 
-def stubbed(workers: aws.SageMakerWorkers) -> Stubber:
+def stubbed(workers: SageMakerWorkers) -> Stubber:
     workers._client = boto3.client("sagemaker", region_name="us-east-1", aws_access_key_id="x",
                                    aws_secret_access_key="x")
     stubber = Stubber(workers._client)
@@ -253,7 +254,7 @@ def stubbed(workers: aws.SageMakerWorkers) -> Stubber:
 
 
 def test_poll_follows_the_jobs_and_stop_stops_each_one_still_running():
-    workers = aws.SageMakerWorkers(**{**SETTINGS, "count": 3})
+    workers = SageMakerWorkers(**{**SETTINGS, "count": 3})
     stubber = stubbed(workers)
     arn = f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:training-job/x"
     for _ in range(3):
@@ -280,7 +281,7 @@ def test_poll_follows_the_jobs_and_stop_stops_each_one_still_running():
 
 
 def test_a_failed_start_stops_the_jobs_it_created():
-    workers = aws.SageMakerWorkers(**SETTINGS)
+    workers = SageMakerWorkers(**SETTINGS)
     stubber = stubbed(workers)
     stubber.add_response("create_training_job", {"TrainingJobArn": "arn:x"})
     stubber.add_client_error("create_training_job", "ResourceLimitExceeded",
@@ -296,7 +297,7 @@ def test_a_failed_start_stops_the_jobs_it_created():
 def test_every_host_of_every_job_gets_a_rank_of_its_own(tmp_path, monkeypatch):
     from abalone import container
 
-    workers = aws.SageMakerWorkers(**{**SETTINGS, "count": 2, "instance_count": 2})
+    workers = SageMakerWorkers(**{**SETTINGS, "count": 2, "instance_count": 2})
     first_ranks = [r["Environment"]["ABALONE_SWEEP_WORKER_RANK"]
                    for r in workers.requests(["hydra.sweeper.study_name=q"], {})]
     assert first_ranks == ["1", "3"]
@@ -320,7 +321,7 @@ def test_every_host_of_every_job_gets_a_rank_of_its_own(tmp_path, monkeypatch):
 ])
 def test_bad_worker_settings_name_their_key(settings, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
-        aws.SageMakerWorkers(**{**SETTINGS, **settings})
+        SageMakerWorkers(**{**SETTINGS, **settings})
 
 
 def test_the_config_file_composes_on_its_schema_and_instantiates():
@@ -337,7 +338,7 @@ def test_the_config_file_composes_on_its_schema_and_instantiates():
             with pytest.raises(ConfigCompositionException, match=typo.split("=")[0]):
                 compose(config_name="workers/sagemaker", overrides=[typo])
     workers = instantiate(cfg.workers)
-    assert isinstance(workers, aws.SageMakerWorkers)
+    assert isinstance(workers, SageMakerWorkers)
     assert (workers.count, workers.subnets, workers.security_group_ids, workers.instance_type) == (
         3, ["subnet-a", "subnet-b"], ["sg-a"], "ml.m5.large")
 

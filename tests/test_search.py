@@ -21,7 +21,7 @@ TWO_EPOCHS = ["trainer.epochs=2", "trainer.patience=0", "trainer.verbose=0"]
 
 
 def load(tmp_path, name: str) -> optuna.Study:
-    from abalone.study import make_storage
+    from abalone.sweep.storage import make_storage
 
     return optuna.load_study(study_name=name, storage=make_storage(str(tmp_path / "s.journal")))
 
@@ -204,7 +204,7 @@ def test_gp_sampler_and_terminator_run_a_sweep(tmp_path, data_file):
 
 def test_gp_without_pytorch_names_the_extra(monkeypatch):
     from abalone.config import ConfigError
-    from abalone.study import require_torch
+    from abalone.sweep.algorithms import require_torch
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -217,7 +217,8 @@ def test_gp_without_pytorch_names_the_extra(monkeypatch):
 
 def test_constraint_and_starting_point_checks_name_the_setting():
     from abalone.config import ConfigError
-    from abalone.study import check_starting_points, parse_constraints, search_space
+    from abalone.sweep.objectives import parse_constraints
+    from abalone.sweep.space import check_starting_points, search_space
 
     (size, speed) = parse_constraints(["params_count <= 2e4", " predict_seconds>=0.5 "])
     assert (size.violation(25000), speed.violation(1.0)) == (5000, -0.5)
@@ -245,7 +246,8 @@ def test_constraint_and_starting_point_checks_name_the_setting():
 def test_every_sampler_draws_from_its_space():
     from hydra_plugins.abalone_optuna_sweeper.config import SamplerConf, SamplerName
 
-    from abalone.study import make_sampler, search_space
+    from abalone.sweep.algorithms import make_sampler
+    from abalone.sweep.space import search_space
 
     space, _, _ = search_space({"optimizer.lr": "tag(log, interval(0.001, 0.03))",
                                 "model.depth": "range(1, 4)"}, [])
@@ -268,7 +270,7 @@ def test_every_sampler_draws_from_its_space():
 def test_size_sweep_file_composes():
     from hydra import compose, initialize_config_dir
 
-    from abalone.study import search_space
+    from abalone.sweep.space import search_space
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["sweep=size"], return_hydra_config=True)

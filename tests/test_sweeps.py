@@ -14,6 +14,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from abalone.sweep.slots import retried_number
 
 from conftest import CLI_TIMEOUT, REPO, run_cli, sweep_runs
 
@@ -24,14 +25,14 @@ SMALL = ["trainer.epochs=3", "trainer.patience=0", "trainer.verbose=0"]
 
 
 def load_study(storage: str) -> optuna.Study:
-    from abalone.study import make_storage
+    from abalone.sweep.storage import make_storage
 
     (summary,) = optuna.get_all_study_summaries(make_storage(storage))
     return optuna.load_study(study_name=summary.study_name, storage=make_storage(storage))
 
 
 def assert_total_honoured(study: optuna.Study, n_trials: int) -> None:
-    from abalone.study import slot_holders
+    from abalone.sweep.slots import slot_holders
 
     trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
@@ -248,9 +249,8 @@ def test_the_best_trial_always_passed_the_model_check(direction):
     # Trials finishing at once in several processes: each checks against the COMPLETE trials it
     # sees, then reports. Whatever the interleaving, the study's best trial logged its model.
     import random
-    import threading
 
-    from abalone.study import TrialContext, logs_model
+    from abalone.sweep.objectives import model_check
 
     rng = random.Random(0)
     skipped = 0
@@ -263,9 +263,7 @@ def test_the_best_trial_always_passed_the_model_check(direction):
         while any(step < 2 for step in steps):
             i = rng.choice([i for i, step in enumerate(steps) if step < 2])
             if steps[i] == 0:
-                context = TrialContext(trials[i], None, study.study_name, "val_rmse",
-                                       threading.Event(), study=study)
-                if logs_model(context, values[i]):
+                if model_check(study, every_model=False)(values[i]):
                     logged.add(trials[i].number)
             else:
                 study.tell(trials[i], values[i])
@@ -273,9 +271,7 @@ def test_the_best_trial_always_passed_the_model_check(direction):
         assert study.best_trial.number in logged
         skipped += len(trials) - len(logged)
     assert skipped > 100  # most trials skip their model
-    context = TrialContext(trials[0], None, study.study_name, "val_rmse", threading.Event(), study,
-                           log_every_model=True)
-    assert logs_model(context, -1e9 if direction == "maximize" else 1e9)
+    assert model_check(study, every_model=True)(-1e9 if direction == "maximize" else 1e9)
 
 
 def test_failing_trial_does_not_stop_the_sweep(tmp_path, data_file):
@@ -367,7 +363,7 @@ def test_interrupted_sweep_resumes_to_the_total(tmp_path, data_file, how):
     for number, value in finished_before.items():
         assert study.trials[number].value == value
     assert study.trials[interrupted].state == TrialState.FAIL
-    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted]
+    (retry,) = [t for t in study.trials if retried_number(t) == interrupted]
     assert retry.params == study.trials[interrupted].params
     assert retry.state == TrialState.COMPLETE
     run = client.get_run(study.trials[interrupted].user_attrs["mlflow_run_id"])
@@ -423,7 +419,7 @@ def test_sweep_files_compose():
         sweeper = cfg.hydra.sweeper
         assert sweeper.sweep_name == name and sweeper.n_trials >= 3
         assert sweeper.metric == "val_rmse" and sweeper.params
-        from abalone.study import search_space
+        from abalone.sweep.space import search_space
 
         space, fixed, written = search_space(dict(sweeper.params), [])
         assert len(space) == len(sweeper.params) and not fixed

@@ -1,0 +1,31 @@
+"""A run's folder of files (config.yaml, plots, model.keras), written before they are uploaded
+and logged, so a run's outputs are the same on disk, in S3 and in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from abalone import evaluate
+
+
+def save_config(cfg: DictConfig, output_dir: Path) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / "config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return config_path
+
+
+def save_files(cfg: DictConfig, model, history: dict, actual, predicted, output_dir: Path,
+               with_model: bool) -> tuple[Path, list[Path], Path | None]:
+    """(config.yaml, the plots, model.keras): without `with_model` (a trial that is not the best
+    so far) only config.yaml, since plots and model would cost most of a short trial's time and
+    never be used."""
+    config_path = save_config(cfg, output_dir)
+    if not with_model:
+        return config_path, [], None
+    plots = evaluate.save_plots(history, actual, predicted, output_dir / "plots")
+    keras_path = output_dir / "model.keras"
+    model.save(keras_path)
+    return config_path, plots, keras_path

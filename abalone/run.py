@@ -1,0 +1,328 @@
+"""One training run in four phases, each a function: `prepare` (ranges, data, the tracking
+connection, the S3 check, the compiled model), `fit`, `evaluate`, `record` (files, S3, MLflow,
+the registry). `run_training` reads them top to bottom.
+
+Order matters for failing cleanly: everything `prepare` checks fails before an MLflow run
+exists; once the run has started, `tracking.TrackedRun` ends it FAILED (Ctrl-C, a pruned trial:
+KILLED) with why, and nothing is registered. In a sweep the run is handed an
+`abalone.trial.TrialContext`: it nests under the sweep's parent run, reports each epoch to the
+pruner, records the trial's state and objective, and logs its model only when the context says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import optuna
+from mlflow.entities import Metric, RunTag
+from omegaconf import DictConfig
+
+from abalone import aws, data, evaluate, outputs, tracking
+from abalone.config import ConfigError, check_ranges
+from abalone.redact import redact
+from abalone.serving import NUMERIC_COLUMNS, model_inputs
+from abalone.trial import OBJECTIVE, TrialContext, kept_value
+
+log = logging.getLogger(__name__)
+# Rows in the batch whose prediction time `predict_seconds` measures.
+PREDICT_BATCH = 256
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    experiment_id: str | None
+    metrics: dict[str, float]
+    epochs_run: int
+    fit_seconds: float
+    model_version: str | None = None
+    objective: float | None = None  # in a sweep: the sweep's metric for the weights kept
+    objective_epoch: int | None = None  # the epoch (from 1) whose weights were kept
+    # in a sweep: each value the sweep optimises or constrains (trial.measures), by name
+    measured: dict[str, float] = field(default_factory=dict)
+    s3_location: str | None = None
+    logs_model: bool = True  # whether the run logs its model (a sweep's trial may not)
+
+
+@dataclass
+class Prepared:
+    """What `prepare` readies: the data as the model takes it, the model, the tracking."""
+
+    data_path: Path
+    splits: data.Splits
+    x: dict[str, dict]  # train, val, test: the model's inputs
+    y: dict[str, object]  # train, val, test: the targets
+    model: object
+    keras: object
+    experiment_id: str | None  # None: tracking.enabled=false
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """Hold back what native code writes to stderr (TensorFlow's absl lines, which ignore
+    TF_CPP_MIN_LOG_LEVEL before absl is initialised); replay it if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def import_keras():
+    """Import Keras (and its backend) and initialise the backend's devices, quietly."""
+    with _native_stderr_captured():
+        import keras
+
+        keras.ops.convert_to_numpy(keras.ops.zeros(1))
+    return keras
+
+
+def build_model(cfg: DictConfig, splits, keras):
+    """The configured model, compiled, with normalisation statistics of the training rows."""
+    from hydra.utils import instantiate
+
+    measurements = splits.train[list(NUMERIC_COLUMNS)].to_numpy("float64")
+    try:
+        model = instantiate(cfg.model, feature_mean=measurements.mean(axis=0),
+                            feature_variance=measurements.var(axis=0))
+    except ValueError as err:  # e.g. an unknown activation name
+        raise ConfigError(f"config group model: {err}") from err
+    steps_per_epoch = -(-len(splits.train) // cfg.trainer.batch_size)
+    optimizer = instantiate(cfg.optimizer, steps_per_epoch=steps_per_epoch,
+                            epochs=cfg.trainer.epochs)
+    # One call into the compiled step function per epoch: Python round trips, not arithmetic,
+    # dominate a network this small. Under TensorFlow, XLA's compile time outweighs its gain;
+    # JAX without jit would run op by op.
+    model.compile(optimizer=optimizer, loss="mse",
+                  metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
+                           keras.metrics.MeanAbsoluteError(name="mae")],
+                  steps_per_execution=cfg.trainer.steps_per_execution or steps_per_epoch,
+                  jit_compile=keras.backend.backend() != "tensorflow")
+    return model
+
+
+def model_properties(model, rows: dict, keras) -> dict[str, float]:
+    """What a sweep may optimise or constrain besides validation metrics: the parameter count,
+    and the median seconds of one prediction on PREDICT_BATCH rows on this machine (after a
+    warm-up call; a direct call, as serving makes)."""
+    batch = {name: column[:PREDICT_BATCH] for name, column in rows.items()}
+    keras.ops.convert_to_numpy(model(batch, training=False))
+    seconds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        keras.ops.convert_to_numpy(model(batch, training=False))
+        seconds.append(time.perf_counter() - start)
+    return {"params_count": float(model.count_params()),
+            "predict_seconds": sorted(seconds)[len(seconds) // 2]}
+
+
+# -- the four phases ------------------------------------------------------------------------
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Everything that can fail before a run exists: ranges, data, tracking, S3, the model."""
+    check_ranges(cfg)
+    data_path = data.resolve_path(cfg.data)
+    splits = data.split(data.load(data_path), cfg.data)
+    experiment_id = tracking.connect(cfg.tracking) if cfg.tracking.enabled else None
+    if cfg.output.s3_uri:
+        aws.check_s3_output(cfg.output.s3_uri)
+    keras = import_keras()
+    keras.utils.set_random_seed(cfg.trainer.seed)
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    return Prepared(data_path, splits, {k: model_inputs(f) for k, f in parts.items()},
+                    {k: data.target(f) for k, f in parts.items()},
+                    build_model(cfg, splits, keras), keras, experiment_id)
+
+
+def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
+        trial: TrialContext | None) -> tuple[int, float]:
+    """Train with the run's callbacks; return (the epoch whose weights are kept, from 0, and
+    the seconds fit took)."""
+    from abalone.callbacks import EpochPrinter, MlflowLogger, RaiseOnDivergence, RaiseOnInterrupt
+
+    t, keras = cfg.trainer, ready.keras
+    # History first, so it holds the epoch a pruner stops at too: a stopped run still plots it.
+    callbacks: list = [history]
+    early_stopping = None
+    if t.patience:
+        early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience,
+                                                       restore_best_weights=True)
+        callbacks.append(early_stopping)
+    if t.verbose:
+        callbacks.append(EpochPrinter(t.epochs))
+    if run.run_id:
+        run.logger = MlflowLogger(run.client, run.run_id)
+        callbacks.append(run.logger)
+    callbacks.append(RaiseOnDivergence())
+    if trial:  # last, so the epoch is logged before a prune or Ctrl-C stops training
+        if trial.prune:  # Optuna cannot prune multi-objective studies
+            from optuna_integration import KerasPruningCallback
+
+            callbacks.append(KerasPruningCallback(trial.trial, trial.metric))
+        callbacks.append(RaiseOnInterrupt(trial.interrupted))
+    start = time.perf_counter()
+    ready.model.fit(**data.fit_arguments((ready.x["train"], ready.y["train"]),
+                                         (ready.x["val"], ready.y["val"]), t.batch_size, t.seed,
+                                         keras.backend.backend()),
+                    epochs=t.epochs, verbose=0, callbacks=callbacks)
+    seconds = time.perf_counter() - start
+    restored = early_stopping is not None and early_stopping.best_weights is not None
+    return (early_stopping.best_epoch if restored else len(history.history["loss"]) - 1), seconds
+
+
+def evaluate_run(ready: Prepared, history: dict, kept: int, fit_seconds: float,
+                 run: tracking.TrackedRun, trial: TrialContext | None):
+    """Held-out metrics and model properties; in a sweep, each value the trial is measured by
+    and whether it logs its model. Returns (the result, the test predictions)."""
+    keras, model = ready.keras, ready.model
+    # A direct call: model.predict would trace yet another function for a single batch.
+    predicted = keras.ops.convert_to_numpy(model(ready.x["test"], training=False))
+    metrics = evaluate.regression_metrics(ready.y["test"], predicted, "test")
+    metrics.update(evaluate.regression_metrics(
+        ready.y["val"], keras.ops.convert_to_numpy(model(ready.x["val"], training=False)),
+        "best_val"))
+    metrics.update(model_properties(model, ready.x["test"], keras))
+    result = RunResult(run.run_id, ready.experiment_id, metrics, len(history["loss"]),
+                       fit_seconds)
+    if trial:
+        from abalone.callbacks import TrainingDiverged
+
+        for name in dict.fromkeys((trial.metric, *trial.measures)):
+            value = metrics[name] if name in metrics else kept_value(history, name, kept)
+            if math.isnan(value):
+                raise TrainingDiverged(f"{name}, which the sweep optimises or constrains, "
+                                       "became NaN or infinite")
+            result.measured[name] = value
+        result.objective = result.measured[trial.metric]
+        result.objective_epoch = kept + 1
+        result.logs_model = trial.logs_model(result.objective)
+    return result, predicted
+
+
+def record(cfg: DictConfig, ready: Prepared, history: dict, result: RunResult, predicted,
+           output_dir: Path, run: tracking.TrackedRun, trial: TrialContext | None) -> None:
+    """The run's folder, its upload to output.s3_uri, and in MLflow its held-out metrics, files
+    and pyfunc model; outside sweeps the model is registered."""
+    config_path, plots, keras_path = outputs.save_files(
+        cfg, ready.model, history, ready.y["test"], predicted, output_dir, result.logs_model)
+    if cfg.output.s3_uri:
+        result.s3_location = aws.upload_folder(output_dir, cfg.output.s3_uri,
+                                               result.run_id or output_dir.name)
+        log.info("outputs uploaded to %s", result.s3_location)
+    if not run.run_id:
+        return
+    # One request for the held-out metrics and the tags. A trial's optuna.state is overwritten
+    # (FAIL) should logging its model fail.
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, 0) for key, value in result.metrics.items()]
+    tags = [RunTag("output.s3_location", result.s3_location)] if result.s3_location else []
+    if trial:
+        metrics.append(Metric(OBJECTIVE, result.objective, now, result.objective_epoch))
+        tags.append(RunTag("optuna.state", "COMPLETE"))
+    run.client.log_batch(run.run_id, metrics=metrics, tags=tags)
+    mlflow.log_artifact(str(config_path))
+    for plot in plots:
+        mlflow.log_artifact(str(plot), artifact_path="plots")
+    if keras_path is None:
+        return
+    model_uri = tracking.log_model(keras_path, ready.splits.test, predicted)
+    if trial:
+        trial.trial.set_user_attr("mlflow_model_uri", model_uri)
+    elif cfg.tracking.register:
+        result.model_version = tracking.register(model_uri, cfg.tracking.registered_model,
+                                                 result.run_id, result.metrics).version
+
+
+def record_stop(cfg: DictConfig, history: dict, output_dir: Path, trial: TrialContext | None,
+                run: tracking.TrackedRun, error: BaseException, interrupted: bool) -> None:
+    """What a stopped run still records, to compare with finished runs: why, in its description;
+    for a pruned trial its objective; unless interrupted, config.yaml and the learning curves so
+    far (a pruned trial's curves are its per-epoch metrics, which MLflow charts itself)."""
+    epochs = len(history.get("loss", []))
+    after = f"after {epochs} epoch{'s' * (epochs != 1)}"
+    pruned = trial is not None and isinstance(error, optuna.TrialPruned) and not interrupted
+    if interrupted:
+        note = f"Interrupted (Ctrl-C) {after}."
+        if trial:
+            note += " The sweep runs its parameters again when it resumes."
+    elif pruned:
+        value = history[trial.metric][-1]
+        note = (f"Pruned at epoch {epochs} with {trial.metric} {value:.4f}: the pruner "
+                f"found it unpromising against the earlier trials at that epoch.")
+        mlflow.log_metric(OBJECTIVE, value, step=epochs)
+    else:
+        note = f"Failed {after}: {type(error).__name__}: {error}"
+    mlflow.set_tag("mlflow.note.content", note)
+    if not interrupted:
+        mlflow.log_artifact(str(outputs.save_config(cfg, output_dir)))
+        if epochs and not pruned:
+            mlflow.log_artifact(str(evaluate.save_learning_curves(
+                history, output_dir / "plots")), artifact_path="plots")
+
+
+def open_run(cfg: DictConfig, ready: Prepared, history: dict, output_dir: Path,
+             trial: TrialContext | None, choices: dict[str, str]) -> tracking.TrackedRun:
+    """The run's tracking: its name, tags and params (the config, and the group choices as
+    written, `model=wide`, beside the keys they expand to), nested under a sweep's parent."""
+    interrupted = trial.interrupted if trial else None
+    if ready.experiment_id is None:
+        return tracking.TrackedRun(None, interrupted=interrupted)
+    tags = tracking.run_tags(ready.data_path, data.sha256_of(ready.data_path))
+    params = {**tracking.flat_params(cfg), **choices}
+    run_name = cfg.tracking.run_name
+    if trial:
+        tags.update({"optuna.study_name": trial.study_name,
+                     "optuna.trial_number": str(trial.trial.number),
+                     "optuna.sampled_keys": ", ".join(trial.trial.params)})
+        # Short, and unique across sweeps once a sorted table flattens the nesting.
+        run_name = f"{run_name or trial.study_name}-t{trial.trial.number}"
+        params["objective_metric"] = trial.metric
+    return tracking.TrackedRun(
+        ready.experiment_id, run_name, tags, params,
+        parent_run_id=trial.parent_run_id if trial else None, is_trial=trial is not None,
+        interrupted=interrupted, on_stop=functools.partial(record_stop, cfg, history, output_dir, trial))
+
+
+def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None = None,
+                 choices: dict[str, str] | None = None) -> RunResult:
+    """Train, evaluate, log and (outside sweeps) register one model as `cfg` says."""
+    ready = prepare(cfg)
+    history = ready.keras.callbacks.History()
+    run = open_run(cfg, ready, history.history, output_dir, trial, choices or {})
+    try:
+        with run:
+            if run.run_id and trial:
+                trial.trial.set_user_attr("mlflow_run_id", run.run_id)
+            elif run.run_id:
+                log.info("MLflow run %s in experiment %r at %s", run.run_id,
+                         cfg.tracking.experiment, redact(mlflow.get_tracking_uri()))
+            kept, fit_seconds = fit(cfg, ready, run, history, trial)
+            result, predicted = evaluate_run(ready, history.history, kept, fit_seconds, run,
+                                             trial)
+            record(cfg, ready, history.history, result, predicted, output_dir, run, trial)
+    except BaseException as err:
+        # During a sweep's Ctrl-C, TensorFlow may raise its own error instead of the interrupt.
+        if run.was_interrupted(err) and not isinstance(err, KeyboardInterrupt):
+            raise KeyboardInterrupt from err
+        raise
+    return result

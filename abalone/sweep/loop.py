@@ -1,0 +1,296 @@
+"""One process's share of a study: ask a trial, launch its training run through Hydra's
+launcher, tell the study how it ended; and the sweep as a whole, from the plan to the champion.
+
+Each trial is composed by Hydra from the fixed overrides plus the sampled parameters and run by
+the configured launcher in this process (TensorFlow stays warm between trials); the training run
+reads its `abalone.trial.TrialContext` from `ACTIVE_TRIAL`. With `n_jobs > 1` or remote workers
+the command also coordinates them (abalone/sweep/coordinator.py); the process that finishes the
+study last reports it and registers the champion (abalone/sweep/report.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobStatus
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from abalone import data, tracking
+from abalone.config import AbaloneError, ConfigError, check_ranges
+from abalone.sweep import coordinator, objectives, report, slots, space
+from abalone.sweep.algorithms import make_pruner, make_sampler
+from abalone.sweep.plan import SweepPlan, make_plan, open_study
+from abalone.sweep.storage import make_storage
+from abalone.tracking import sweep_runs
+from abalone.trial import ACTIVE_TRIAL, PARENT_ENV, RANK_ENV, TrialContext
+
+log = logging.getLogger(__name__)
+
+
+def run_sweep(settings: DictConfig, arguments: list[str], config: DictConfig, hydra_context,
+              launcher) -> None:
+    """The plugin's `sweep`: a clear line and exit code for every way a sweep ends early."""
+    try:
+        Sweep(settings, arguments, config, hydra_context, launcher).run()
+    except AbaloneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: the running trial was marked FAIL; finished trials are kept "
+              "in the study", file=sys.stderr)
+        sys.exit(130)
+    except Exception:
+        if tracking.OUTAGE.given_up:  # e.g. the champion's registration outlasted the grace
+            print(f"error: {tracking.OUTAGE.given_up}", file=sys.stderr)
+            sys.exit(1)
+        raise
+
+
+class Sweep:
+    """One invocation's share of a study."""
+
+    def __init__(self, settings: DictConfig, arguments: list[str], config: DictConfig,
+                 hydra_context, launcher):
+        self.settings, self.arguments, self.config = settings, arguments, config
+        self.hydra_context, self.launcher = hydra_context, launcher
+        self.rank = int(os.environ.get(RANK_ENV, "0"))
+        self.is_worker = self.rank > 0
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.interrupted = threading.Event()
+        self.client = None
+        self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    # -- set-up: everything that can fail does so before the first trial --------------------
+
+    def prepare(self) -> None:
+        s = self.settings
+        self.plan: SweepPlan = make_plan(s, self.arguments)
+        base = self.hydra_context.config_loader.load_sweep_config(self.config,
+                                                                  list(self.plan.fixed))
+        check_ranges(base)
+        data.load(data.resolve_path(base.data))
+        self.tracking_cfg = base.tracking
+        self.workers_choice, self.workers = coordinator.make_workers(self, base)
+        storage = make_storage(s.storage, s.storage_password_secret, s.stale_after)
+        self.study = open_study(
+            self.plan, storage,
+            make_sampler(s.sampler, self.plan.space, self.rank, len(self.plan.metrics)),
+            make_pruner(s.pruner, base.trainer.epochs) if self.plan.prune
+            else optuna.pruners.NopPruner())
+        if self.tracking_cfg.enabled:
+            self.experiment_id = tracking.connect(self.tracking_cfg)
+            import mlflow
+
+            self.client = mlflow.MlflowClient()
+            if self.is_worker:
+                self.parent_run_id = os.environ.get(PARENT_ENV)
+            else:
+                self.parent_run_id = sweep_runs.open_parent_run(
+                    self.client, self.experiment_id, self.plan.study_name,
+                    self.plan.storage_label, self.plan.params(self.workers_choice))
+                self.end_runs_left_running()
+
+    def end_runs_left_running(self) -> None:
+        """End FAILED the runs of FAIL trials that a sweep stopped by an outage of the tracking
+        server could not end."""
+        failed = {str(t.number) for t in self.study.get_trials(deepcopy=False,
+                                                               states=(TrialState.FAIL,))}
+        if failed:
+            running = sweep_runs.runs_left_running(self.client, self.experiment_id,
+                                                   self.plan.study_name)
+            sweep_runs.end_trial_runs(self.client, [run_id for number, run_id in running.items()
+                                                    if number in failed])
+
+    def end_stale_run(self, trial) -> None:
+        log.warning("trial %d was left RUNNING by a process that is gone: marked FAIL, its "
+                    "parameters queued again", trial.number)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if self.client and run_id:
+            sweep_runs.end_trial_runs(self.client, [run_id])
+
+    # -- the sweep ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.prepare()
+        log.info("study %r (%s): %d trials in total, %d finished before; parent MLflow run %s",
+                 self.plan.study_name, self.plan.storage_label, self.plan.n_trials,
+                 slots.finished_count(self.study), self.parent_run_id)
+
+        # Python loses a Ctrl-C that lands inside a finalizer; remember every one, so the
+        # running trial (RaiseOnInterrupt) and the loop of trials still stop.
+        def on_interrupt(signum, frame):
+            self.interrupted.set()
+            signal.default_int_handler(signum, frame)
+
+        previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+        status = "FAILED"
+        try:
+            coordinator.start_workers(self)
+            if self.workers.remote:
+                coordinator.follow_workers(self)
+            else:
+                self.run_trials()
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            if status != "FINISHED":
+                self.workers.stop()
+            elif not self.workers.remote:  # remote ones have ended: follow_workers waited
+                self.workers.wait()
+            if status != "FINISHED" and self.client and not self.is_worker:
+                try:
+                    self.client.set_terminated(self.parent_run_id, status)
+                except Exception as err:  # noqa: BLE001 - the server is gone; keep the cause
+                    log.warning("could not end the parent MLflow run: %s", err)
+        failed_workers = [name for name, state in self.workers.poll().items()
+                          if state.startswith("failed")]
+        if failed_workers and not self.workers.remote:
+            raise AbaloneError(f"{len(failed_workers)} worker process(es) failed; see their "
+                               "output above")
+        if not self.is_worker:
+            report.finish(self)
+
+    def run_trials(self) -> None:
+        failures = 0
+        n_trials = self.plan.n_trials
+        while slots.work_left(self.study, n_trials):
+            if self.interrupted.is_set():  # a Ctrl-C lost after the last trial's training
+                raise KeyboardInterrupt
+            slots.fail_stale_trials(self.study, self.settings.stale_after, self.end_stale_run)
+            if not slots.work_left(self.study, n_trials) or self.stopped():
+                break
+            trial = self.study.ask(self.plan.space)
+            if not slots.within_total(self.study, trial.number, n_trials):
+                # Another process took the last slot between our check and our ask.
+                trial.set_user_attr("surplus", True)
+                self.study.tell(trial, state=TrialState.FAIL)
+                break
+            state = self.run_one(trial)
+            if state == "FAIL" and tracking.OUTAGE.given_up:
+                raise AbaloneError(tracking.OUTAGE.given_up)
+            if state == "FAIL":
+                failures += 1
+                if failures >= self.settings.max_failures:
+                    raise AbaloneError(f"{failures} trials failed in this process "
+                                       f"(hydra.sweeper.max_failures="
+                                       f"{self.settings.max_failures}); stopping the sweep")
+
+    def stopped(self) -> bool:
+        """Whether the stop rule has ended the study at this n_trials, in this run or an
+        earlier one (a higher n_trials resumes it); records why when it ends it now."""
+        n_trials = self.plan.n_trials
+        record = self.study.user_attrs.get(objectives.STOPPED)
+        if record and n_trials <= record["n_trials"]:
+            log.info("the study was stopped early: %s; raise hydra.sweeper.n_trials above %d "
+                     "to go on", record["reason"], record["n_trials"])
+            return True
+        trials = self.study.get_trials(deepcopy=False)
+        if self.plan.stop_rule == "none" or any(t.state == TrialState.WAITING for t in trials):
+            return False  # starting points and retries run first
+        reason = objectives.stagnation(self.study, self.plan.stop_rule,
+                                       self.settings.stop.patience,
+                                       record["after_trial"] + 1 if record else 0,
+                                       self.plan.directions)
+        if reason is None:
+            return False
+        reason += f"; {n_trials} trials were allowed"
+        self.study.set_user_attr(objectives.STOPPED, {
+            "reason": reason, "n_trials": n_trials,
+            "after_trial": max(t.number for t in trials if t.state.is_finished())})
+        log.info("the study stops early: %s", reason)
+        if self.client:
+            try:
+                self.client.set_tag(self.parent_run_id, "stop.reason", reason)
+            except Exception as err:  # noqa: BLE001 - the study holds the reason too
+                log.warning("could not tag the parent MLflow run with the stop reason: %s", err)
+        return True
+
+    def conditional_overrides(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The custom_search_space function's overrides; it samples more from `trial`."""
+        try:
+            overrides = self.plan.custom_space(trial)
+            if not isinstance(overrides, dict):
+                raise TypeError(f"it must return a dict of config overrides, not "
+                                f"{type(overrides).__name__}")
+        except Exception as err:
+            self.study.tell(trial, state=TrialState.FAIL)
+            raise ConfigError(f"hydra.sweeper.custom_search_space="
+                              f"{self.settings.custom_search_space}: {type(err).__name__}: "
+                              f"{err}") from err
+        return overrides
+
+    def run_one(self, trial: optuna.Trial) -> str:
+        """Launch the trial's training run and tell the study how it ended."""
+        slots.mark_owner(trial)
+        extra = self.conditional_overrides(trial) if self.plan.custom_space else {}
+        # Parameters the custom function sampled are recorded by Optuna; what it returns is
+        # what the trial's config gets.
+        swept = {k: v for k, v in trial.params.items() if k in self.plan.space}
+        overrides = [*self.plan.fixed, *space.trial_overrides({**swept, **extra})]
+        context = TrialContext(
+            trial, self.parent_run_id, self.plan.study_name, self.plan.metrics[0],
+            self.interrupted, self.plan.measures, self.plan.prune,
+            logs_model=objectives.model_check(self.study, self.plan.log_models == "all"))
+        token = ACTIVE_TRIAL.set(context)
+        start = time.monotonic()
+        try:
+            with slots.Heartbeat(self.study, trial,
+                                 slots.heartbeat_interval(self.settings.stale_after)):
+                (job,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
+        except KeyboardInterrupt:
+            slots.fail_and_retry(self.study, trial)
+            raise
+        finally:
+            ACTIVE_TRIAL.reset(token)
+        if self.interrupted.is_set() and job.status is not JobStatus.COMPLETED:
+            slots.fail_and_retry(self.study, trial)  # as above: the error a Ctrl-C became
+            raise KeyboardInterrupt
+        measured, error = None, None
+        if job.status is JobStatus.COMPLETED:
+            measured = job.return_value  # {name: value} of trial.measures
+        else:
+            error = job._return_value  # the exception the task raised
+        state, values, note = self.tell(trial, measured, error)
+        report.trial_line(self, trial, state, values, error, time.monotonic() - start, note)
+        return state
+
+    def tell(self, trial: optuna.Trial, measured: dict[str, float] | None,
+             error: BaseException | None) -> tuple[str, list[float] | None, str]:
+        """Record how the trial ended in the study: (state, its values, a note)."""
+        values = [measured[m] for m in self.plan.metrics] if measured else None
+        if isinstance(error, optuna.TrialPruned):
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return "PRUNED", values, ""
+        if error is not None or not values or not all(math.isfinite(v) for v in values):
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
+            self.study.tell(trial, state=TrialState.FAIL)
+            return "FAIL", values, ""
+        broken = []
+        for constraint in self.plan.constraints:
+            violation = constraint.violation(measured[constraint.name])
+            trial.set_constraint(str(constraint), violation)
+            if violation > 0:
+                broken.append(str(constraint))
+        note = f"infeasible: breaks {', '.join(broken)}" if broken else ""
+        self.study.tell(trial, values if len(values) > 1 else values[0])
+        if self.plan.constraints and self.client and "mlflow_run_id" in trial.user_attrs:
+            try:  # after tell: the study holds the trial whatever the server does
+                self.client.set_tag(trial.user_attrs["mlflow_run_id"], "optuna.feasible",
+                                    str(not note).lower())
+            except Exception as err:  # noqa: BLE001 - a tag never stops the sweep
+                log.warning("could not tag trial %d's run feasible: %s", trial.number, err)
+        return "COMPLETE", values, note

@@ -1,0 +1,178 @@
+"""The `n_trials` total of a study shared by every process and host that runs it, who runs each
+trial, and trials whose process is gone.
+
+A trial holds a slot when it is COMPLETE, PRUNED, RUNNING, WAITING, or FAIL because its training
+raised; a trial interrupted (Ctrl-C) or left RUNNING by a dead process is failed and its
+parameters queued again by Optuna's `RetryHeartbeatStaleTrialCallback`, and the retry takes its slot. A
+trial may start only while fewer than `n_trials` trials numbered before it hold slots; numbers
+come from the storage, so no two processes can both take the last slot.
+
+Staleness: a RUNNING trial of this host whose process is gone fails at once, whatever the
+storage (Optuna has no such check). A trial silent for `stale_after` seconds fails by Optuna's
+heartbeat where the storage has one (`RDBStorage`: `heartbeat_interval`, `grace_period`,
+`optuna.storages.fail_stale_trials`); the journal file and the gRPC proxy have none
+(`optuna.storages.JournalStorage` and `GrpcStorageProxy` are no `BaseHeartbeat`), so there the
+heartbeat is a trial attribute this module writes and reads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import warnings
+from typing import Callable
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
+
+from abalone.sweep.space import WARM_START_OF
+
+HOST = socket.gethostname()
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        return ""
+
+
+# Pids compare only within one PID namespace: containers on one host share its name (host
+# network) but each has pids of its own.
+PID_NAMESPACE = _pid_namespace()
+OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+with warnings.catch_warnings():  # "experimental" since Optuna 2.8
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)
+
+
+def retried_number(trial: FrozenTrial) -> int | None:
+    """The number of the failed trial this one runs again, if it is a retry."""
+    history = RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    return history[-1] if history else None
+
+
+def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials that count towards n_trials: all but FAIL trials that were queued again or were
+    surplus, and copies from another study (`warm_start_from`)."""
+    retried = {retried_number(t) for t in trials}
+    return [t for t in trials if WARM_START_OF not in t.user_attrs and (
+        t.state in OCCUPYING or (t.state == TrialState.FAIL and t.number not in retried
+                                 and not t.user_attrs.get("surplus")))]
+
+
+def work_left(study: optuna.Study, n_trials: int) -> bool:
+    """Whether this process should ask for another trial."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    return len(slot_holders(trials)) < n_trials
+
+
+def within_total(study: optuna.Study, number: int, n_trials: int) -> bool:
+    holders = slot_holders(study.get_trials(deepcopy=False))
+    return sum(1 for t in holders if t.number < number) < n_trials
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def fail_and_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
+    """Mark the trial FAIL and queue its parameters again; it gives its slot to the retry.
+    Raises if another process finished the trial first."""
+    study.tell(trial.number, state=TrialState.FAIL)
+    RETRY(study, study._storage.get_trial(trial._trial_id))
+
+
+def has_heartbeat(study: optuna.Study) -> bool:
+    """Whether the study's storage keeps Optuna's own heartbeat."""
+    storage = study._storage
+    return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+
+
+def mark_owner(trial: optuna.Trial) -> None:
+    trial.set_user_attr("host", HOST)
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("pid_namespace", PID_NAMESPACE)
+    trial.set_user_attr("heartbeat", time.time())
+
+
+def heartbeat_interval(stale_after: float) -> int:
+    """Seconds between a running trial's heartbeats: several within `stale_after`."""
+    return int(max(1.0, min(60.0, stale_after / 4)))
+
+
+class Heartbeat:
+    """Beats for one running trial, every `interval` seconds, until the block ends."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float):
+        self.study, self.trial, self.interval = study, trial, interval
+        self.done = threading.Event()
+
+    def __enter__(self) -> Heartbeat:
+        threading.Thread(target=self._beat, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+
+    def _beat(self) -> None:
+        optuna_beat = has_heartbeat(self.study)
+        while True:
+            if optuna_beat:
+                self.study._storage.record_heartbeat(self.trial._trial_id)
+            if self.done.wait(self.interval):
+                return
+            if not optuna_beat:
+                self.trial.set_user_attr("heartbeat", time.time())
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_stale_trials(study: optuna.Study, stale_after: float,
+                      on_failed: Callable[[FrozenTrial], None]) -> list[int]:
+    """Fail RUNNING trials whose process is gone (or silent for `stale_after` seconds) and queue
+    their parameters again; `on_failed` gets each trial this call failed."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    optuna_beat = has_heartbeat(study)
+    stale = []
+    now = time.time()
+    for trial in running:
+        attrs = trial.user_attrs
+        here = (attrs.get("host") == HOST and attrs.get("pid_namespace") == PID_NAMESPACE
+                and attrs.get("pid"))
+        if here and attrs["pid"] == os.getpid():
+            continue
+        if here and not _process_alive(attrs["pid"]):
+            stale.append(trial)
+        elif not optuna_beat:
+            beat = attrs.get("heartbeat") or trial.datetime_start.timestamp()
+            if now - beat > stale_after:
+                stale.append(trial)
+    failed = []
+    for trial in stale:
+        try:
+            fail_and_retry(study, trial)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process failed it first
+        failed.append(trial)
+    if optuna_beat:  # Optuna fails the silent ones, and its callback (RETRY) queues them again
+        optuna.storages.fail_stale_trials(study)
+        retried = {retried_number(t) for t in study.get_trials(deepcopy=False)}
+        failed += [t for t in running if t.number in retried and t not in failed]
+    for trial in failed:
+        on_failed(trial)
+    return [t.number for t in failed]

@@ -1,0 +1,215 @@
+"""One MLflow run's life and records: `TrackedRun` starts it with its params and tags and ends it
+FINISHED, or FAILED/KILLED with why; what a run records besides metrics (the config as params,
+provenance tags, the pyfunc model and its requirements); registration; where a person looks."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import logging
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote
+
+import mlflow
+from omegaconf import OmegaConf
+
+from abalone.redact import SECRET_KEY, redact
+
+log = logging.getLogger(__name__)
+
+
+class TrackedRun:
+    """The life of one MLflow run, as a context manager around the work it records.
+
+    Entering starts the run (nested under `parent_run_id` when given) with its tags and params.
+    Leaving it normally ends it FINISHED. Leaving it with an error first closes the epoch
+    logger and calls `on_stop(run, error, interrupted)` to record why (best effort: their errors
+    are logged, never raised), tags a trial's run with its Optuna state, and ends it KILLED
+    (Ctrl-C, or a pruned trial) or FAILED; the error goes on. `interrupted` is the sweep's Ctrl-C
+    event: once set, whatever error TensorFlow raised instead of the interrupt counts as one.
+    With `experiment_id=None` (tracking.enabled=false) nothing is tracked and `run_id` stays None.
+    """
+
+    def __init__(self, experiment_id: str | None, run_name: str | None = None,
+                 tags: dict[str, str] | None = None, params: dict[str, str] | None = None,
+                 parent_run_id: str | None = None, is_trial: bool = False,
+                 interrupted: threading.Event | None = None,
+                 on_stop: Callable[[TrackedRun, BaseException, bool], None] | None = None):
+        self.experiment_id, self.run_name = experiment_id, run_name
+        self.tags, self.params = tags or {}, params or {}
+        self.parent_run_id, self.is_trial = parent_run_id, is_trial
+        self.interrupted, self.on_stop = interrupted, on_stop
+        self.run_id: str | None = None
+        self.client: mlflow.MlflowClient | None = None
+        self.logger = None  # the run's epoch logger (abalone.callbacks.MlflowLogger), if any
+
+    def __enter__(self) -> TrackedRun:
+        if self.experiment_id is None:
+            return self
+        self.run_id = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.run_name,
+                                       tags=self.tags, parent_run_id=self.parent_run_id
+                                       ).info.run_id
+        self.client = mlflow.MlflowClient()
+        try:
+            self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v)
+                                                       for k, v in self.params.items()])
+        except BaseException as error:
+            self.__exit__(type(error), error, None)
+            raise
+        return self
+
+    def was_interrupted(self, error: BaseException) -> bool:
+        return isinstance(error, KeyboardInterrupt) or bool(
+            self.interrupted and self.interrupted.is_set())
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if self.run_id is None:
+            return False
+        if error is None:
+            mlflow.end_run("FINISHED")
+            return False
+        import optuna
+
+        interrupted = self.was_interrupted(error)
+        pruned = isinstance(error, optuna.TrialPruned) and not interrupted
+        try:
+            if self.logger is not None:
+                self.logger.close()
+            if self.on_stop is not None:
+                self.on_stop(self, error, interrupted)
+        except Exception as record_error:  # noqa: BLE001 - never hides the run's own error
+            log.warning("could not record why the MLflow run stopped: %s: %s",
+                        type(record_error).__name__, record_error)
+        try:
+            if self.is_trial:
+                mlflow.set_tag("optuna.state", "PRUNED" if pruned else "FAIL")
+        except Exception as tag_error:  # noqa: BLE001 - e.g. the server went away
+            log.warning("could not tag the MLflow run: %s: %s", type(tag_error).__name__,
+                        tag_error)
+        finally:
+            try:
+                mlflow.end_run("KILLED" if interrupted or pruned else "FAILED")
+            except Exception as end_error:  # noqa: BLE001 - e.g. the server went away
+                log.warning("could not end the MLflow run: %s: %s", type(end_error).__name__,
+                            end_error)
+        return False
+
+
+def flat_params(cfg) -> dict[str, str]:
+    """The resolved config as MLflow params: `model.units` -> "64"; secrets and passwords left out."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        elif not SECRET_KEY.search(prefix):
+            flat[prefix] = redact(node) if isinstance(node, str) else str(node)
+
+    walk("", OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    return flat
+
+
+@functools.cache  # once per process: a sweep's trials run the same code
+def _git_commit() -> str | None:
+    repo = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], check=True,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def run_tags(data_path: Path, data_sha256: str) -> dict[str, str]:
+    import keras
+
+    backend = keras.backend.backend()
+    tags = {
+        "dataset.path": str(data_path),
+        "dataset.sha256": data_sha256,
+        "keras.backend": backend,
+        "keras.version": keras.__version__,
+        "mlflow.version": mlflow.__version__,
+    }
+    framework = backend_distribution(backend)
+    if framework:
+        tags[f"{backend}.distribution"], tags[f"{backend}.version"] = framework
+    commit = _git_commit()
+    if commit:
+        tags["git.commit"] = commit
+    return tags
+
+
+# Distributions that install the `tensorflow` module: PyPI's, and the names Deep Learning
+# Containers install it under (`tensorflow-cpu`, also from a wheel's URL).
+BACKEND_DISTRIBUTIONS = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-gpu",
+                                        "tensorflow-intel")}
+
+
+def backend_distribution(backend: str) -> tuple[str, str] | None:
+    """(name, version) of the installed distribution of the Keras backend's framework."""
+    for name in BACKEND_DISTRIBUTIONS.get(backend, (backend,)):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return name, importlib.metadata.version(name)
+    return None
+
+
+def model_requirements() -> list[str]:
+    """Pinned pip requirements of the logged model (MLflow's inference would load the model)."""
+    import keras
+
+    pins = []
+    for name in ("mlflow", "keras", "pandas", "numpy"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+    framework = backend_distribution(keras.backend.backend())
+    if framework:
+        pins.append("{}=={}".format(*framework))
+    return pins
+
+
+def log_model(keras_path: Path, rows, predicted) -> str:
+    """Log the pyfunc model (abalone/serving.py around the saved Keras model); return its URI."""
+    from abalone import serving
+
+    sample = rows[list(serving.FEATURE_COLUMNS)].head(5).reset_index(drop=True)
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=serving.__file__,
+        artifacts={serving.KERAS_MODEL_ARTIFACT: str(keras_path)},
+        signature=mlflow.models.infer_signature(sample, predicted[:5].reshape(-1)),
+        input_example=sample, pip_requirements=model_requirements())
+    return info.model_uri
+
+
+def register(model_uri: str, name: str, run_id: str, metrics: dict[str, float],
+             tags: dict[str, str] | None = None):
+    """Register `model_uri` as a new version of `name`, tagged with its run and metrics."""
+    version_tags = {"run_id": run_id, **{k: f"{v:.4f}" for k, v in metrics.items()},
+                    **(tags or {})}
+    return mlflow.register_model(model_uri, name, tags=version_tags)
+
+
+def runs_table_url(host: str, experiment_id: str, search_filter: str | None = None) -> str:
+    """The MLflow UI's runs table of the experiment (MLflow 3 otherwise opens its GenAI
+    overview), filtered by `search_filter` (the search box's syntax) when given."""
+    url = f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return url + (f"&searchFilter={quote(search_filter, safe='')}" if search_filter else "")
+
+
+def where_to_look(experiment_id: str, search_filter: str | None = None) -> str:
+    """Where a person looks at the runs just tracked (MLflow must be connected)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("arn:"):
+        return (f"SageMaker Studio > Applications > MLflow > {uri.rsplit('/', 1)[-1]} "
+                f"(tracking server {uri})")
+    if uri.startswith(("http://", "https://")):
+        return runs_table_url(redact(uri), experiment_id, search_filter)
+    return (f"mlflow ui --backend-store-uri {redact(uri)}, then "
+            f"{runs_table_url('http://127.0.0.1:5000', experiment_id, search_filter)}")
