@@ -14,6 +14,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+
 from abalone.sweep.slots import retried_number
 
 from conftest import CLI_TIMEOUT, REPO, run_cli, sweep_runs
