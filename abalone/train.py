@@ -33,9 +33,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from abalone.config import AbaloneError, ConfigError, check_ranges  # noqa: E402
 
 log = logging.getLogger("abalone")
-# conf/ sits beside the package in the source tree (installed editable); an absolute path lets
+# abalone/conf: in the source tree (an editable install, the image) a symlink to the top-level
+# conf/, in a wheel the configs themselves (pyproject.toml's package-data). An absolute path lets
 # the `abalone-train` console script find it as well as `python -m abalone.train`.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @dataclass
