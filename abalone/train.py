@@ -28,9 +28,10 @@ from abalone.config import AbaloneError  # noqa: E402
 from abalone.trial import ACTIVE_TRIAL  # noqa: E402
 
 log = logging.getLogger(__name__)
-# conf/ sits beside the package in the source tree (installed editable); an absolute path lets
+# abalone/conf: in the source tree (an editable install, the image) a symlink to the top-level
+# conf/, in a wheel the configs themselves (pyproject.toml's package-data). An absolute path lets
 # the `abalone-train` console script find it as well as `python -m abalone.train`.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _summary(cfg: DictConfig, result, output_dir: Path) -> None:
