@@ -120,7 +120,7 @@ def install_project(project: Path) -> None:
     check_unchanged(before)
     # The whole package imports on the image's frameworks.
     subprocess.run([sys.executable, "-c", "import abalone.train, abalone.container, "
-                    "abalone.model, abalone.tracking, abalone.study"], check=True)
+                    "abalone.run, abalone.sweep, abalone.workers"], check=True)
 
 
 def main() -> int:

@@ -8,6 +8,16 @@ or hosts share one total. The Hydra plugin (hydra_plugins/abalone_optuna_sweeper
 `run_sweep`.
 """
 
-from abalone.sweep.loop import run_sweep
+import warnings
+
+import optuna
+
+# Optuna calls long-stable features "experimental" (samplers' multivariate and constant-liar
+# modes, the heartbeat and its retry callback) and warns that a storage's heartbeat is meant for
+# Study.optimize, while this package runs it around ask and tell itself (abalone.sweep.slots).
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+
+from abalone.sweep.loop import run_sweep  # noqa: E402
 
 __all__ = ["run_sweep"]

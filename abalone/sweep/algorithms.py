@@ -6,7 +6,6 @@ setting rather than sampled in part at random."""
 from __future__ import annotations
 
 import importlib.util
-import warnings
 
 import optuna
 from omegaconf import OmegaConf
@@ -14,10 +13,6 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from abalone.config import ConfigError
 from abalone.sweep.space import grid_values
-
-# Samplers' multivariate and constant-liar modes are "experimental" but long stable.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 
 class _GridSampler(optuna.samplers.GridSampler):
     """GridSampler whose exhaustion check is left to the sweep loop (n_trials = the grid's size):

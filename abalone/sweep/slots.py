@@ -21,7 +21,6 @@ import os
 import socket
 import threading
 import time
-import warnings
 from typing import Callable
 
 import optuna
@@ -45,9 +44,7 @@ def _pid_namespace() -> str:
 # network) but each has pids of its own.
 PID_NAMESPACE = _pid_namespace()
 OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-with warnings.catch_warnings():  # "experimental" since Optuna 2.8
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)
+RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)
 
 
 def retried_number(trial: FrozenTrial) -> int | None:

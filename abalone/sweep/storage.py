@@ -52,7 +52,7 @@ def make_storage(storage: str, password_secret: str | None = None,
         heartbeat: dict[str, Any] = {}
         if stale_after:
             heartbeat = {"heartbeat_interval": heartbeat_interval(stale_after),
-                         "grace_period": int(stale_after), "failed_trial_callback": RETRY}
+                         "grace_period": int(stale_after), "heartbeat_stale_trial_callback": RETRY}
         # Processes starting at once may race to create Optuna's tables; the loser retries.
         for attempt in range(3):
             try:

@@ -26,6 +26,10 @@ class ContainerWorkers:
     def __init__(self, count: int, engine: str | None, image: str, build: bool,
                  base_image: str | None, data_dir: str | None, output_dir: str,
                  stop_timeout: int):
+        if not RUN_TRAINING.is_file():  # an installed wheel has no scripts/
+            raise ConfigError(f"workers=container starts {RUN_TRAINING.name} from the project's "
+                              "source tree, which this installation does not have: run the sweep "
+                              "from a checkout of abalone")
         require(count >= 1, "workers.count", ">= 1", count)
         require(engine in (None, "docker", "podman"), "workers.engine", "docker or podman", engine)
         self.count = count
