@@ -1,8 +1,11 @@
-"""abalone: Hydra-composed, Optuna-swept, MLflow-tracked Keras regressors for the UCI Abalone data.
+"""abalone: Hydra-composed, Optuna-swept, MLflow-tracked Keras models for the UCI Abalone data.
 
-Modules: config (schemas), data (loading, validation, splits), model (Keras builders), callbacks
-(MLflow logger, terminal lines), tracking (MLflow connection, params, tags), evaluate (metrics,
-plots), serving (the registered pyfunc model), train (the `python -m abalone.train` entry point),
-container (how the Docker image starts, on EC2 and as a SageMaker training job), storage_proxy
-(Optuna's gRPC storage proxy in front of a study database, for large fleets).
+Floors, imports only downward (tests/test_layout.py holds the rule):
+- entry points: `train` (`python -m abalone.train`), `container` (how the image starts),
+  `storage_proxy` (Optuna's gRPC storage proxy); the Hydra sweeper plugin in hydra_plugins/;
+- `sweep`: Optuna studies behind `-m` sweeps (plan, loop, coordinator, report, ...);
+- the training run: `run` (four phases), `callbacks`, `outputs`, `evaluate`;
+- `tracking` (MLflow) and `workers` (where a sweep's trials run);
+- backends: `aws`, `data`, `model`, `serving` (the registered pyfunc model);
+- ground: `config` (schemas), `trial` (the sweep-to-run contract), `redact`.
 """

@@ -27,7 +27,8 @@ from omegaconf import DictConfig  # noqa: E402
 from abalone.config import AbaloneError  # noqa: E402
 from abalone.trial import ACTIVE_TRIAL  # noqa: E402
 
-log = logging.getLogger(__name__)
+# By name: run as `python -m abalone.train` this module is __main__, outside the abalone loggers.
+log = logging.getLogger("abalone.train")
 # abalone/conf: in the source tree (an editable install, the image) a symlink to the top-level
 # conf/, in a wheel the configs themselves (pyproject.toml's package-data). An absolute path lets
 # the `abalone-train` console script find it as well as `python -m abalone.train`.
