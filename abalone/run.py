@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
+from hydra.utils import instantiate
 from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
 
@@ -98,8 +99,6 @@ def import_keras():
 
 def build_model(cfg: DictConfig, splits, keras):
     """The configured model, compiled, with normalisation statistics of the training rows."""
-    from hydra.utils import instantiate
-
     measurements = splits.train[list(NUMERIC_COLUMNS)].to_numpy("float64")
     try:
         model = instantiate(cfg.model, feature_mean=measurements.mean(axis=0),
@@ -158,6 +157,7 @@ def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
         trial: TrialContext | None) -> tuple[int, float]:
     """Train with the run's callbacks; return (the epoch whose weights are kept, from 0, and
     the seconds fit took)."""
+    # Keras's callbacks import Keras: only after import_keras has initialised it quietly.
     from abalone.callbacks import EpochPrinter, MlflowLogger, RaiseOnDivergence, RaiseOnInterrupt
 
     t, keras = cfg.trainer, ready.keras
@@ -205,7 +205,7 @@ def evaluate_run(ready: Prepared, history: dict, kept: int, fit_seconds: float,
     result = RunResult(run.run_id, ready.experiment_id, metrics, len(history["loss"]),
                        fit_seconds)
     if trial:
-        from abalone.callbacks import TrainingDiverged
+        from abalone.callbacks import TrainingDiverged  # after import_keras, as in fit
 
         for name in dict.fromkeys((trial.metric, *trial.measures)):
             value = metrics[name] if name in metrics else kept_value(history, name, kept)
