@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep, Sweep
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 from optuna.trial import TrialState
@@ -44,6 +44,10 @@ def search_space(params: dict[str, Any], arguments: list[str]
 
 def _distribution(key: str, sweep: Any) -> BaseDistribution:
     if isinstance(sweep, ChoiceSweep):
+        nested = [value for value in sweep.list if isinstance(value, Sweep)]
+        if nested:
+            raise ConfigError(f"sweep parameter {key}: a sweep inside a sweep ({nested[0]}) is "
+                              "not supported; list the values once, e.g. choice(a, b, c)")
         return CategoricalDistribution(list(sweep.list))
     if isinstance(sweep, RangeSweep):
         values = [sweep.start + i * sweep.step
