@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from abalone.config import ConfigError
 from abalone.redact import redact
 from abalone.sweep import objectives, space
-from abalone.sweep.algorithms import SETTINGS_USED, require_torch
+from abalone.sweep.algorithms import SETTINGS_USED, check_sampler, require_torch
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def make_plan(s: DictConfig, arguments: list[str]) -> SweepPlan:
     if custom and _value(s.sampler.name) == "grid":
         raise ConfigError("hydra.sweeper.custom_search_space cannot add parameters to a grid "
                           "(sampler.name=grid); choose another sampler")
+    check_sampler(_value(s.sampler.name), swept, len(metrics))
     stop_rule = _stop_rule(s, len(metrics))
     n_trials = _n_trials(s, swept)
     if s.n_jobs < 1 or s.max_failures < 1:
