@@ -25,15 +25,26 @@ def regression_metrics(actual: np.ndarray, predicted: np.ndarray, prefix: str) -
 def save_learning_curves(history: dict[str, list[float]], out_dir: Path) -> Path:
     """Training and validation loss and RMSE per epoch, as far as training got."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    return _save(learning_curves(history), out_dir / "learning_curves.png")
+
+
+def learning_curves(history: dict[str, list[float]]):
+    """The learning curves' figure; a curve with no finite value is left out, and a panel left
+    empty says why."""
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "rmse")):
-        for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
-            if key in history:
-                ax.plot(epochs, history[key], label=label)
+        curves = [(key, label) for key, label in ((metric, "train"), (f"val_{metric}", "validation"))
+                  if np.isfinite(history.get(key, [])).any()]
+        for key, label in curves:
+            ax.plot(epochs, history[key], label=label)
         ax.set(xlabel="epoch", ylabel=metric, title=f"Learning curve: {metric}")
-        ax.legend()
-    return _save(fig, out_dir / "learning_curves.png")
+        if curves:
+            ax.legend()
+        else:  # a run that diverged at once: say so rather than draw an empty frame
+            ax.text(0.5, 0.5, f"no finite {metric} to draw:\ntraining diverged", ha="center",
+                    va="center", transform=ax.transAxes)
+    return fig
 
 
 def save_plots(history: dict[str, list[float]], actual: np.ndarray, predicted: np.ndarray,

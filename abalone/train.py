@@ -67,6 +67,11 @@ def main(cfg: DictConfig) -> float | dict[str, float] | None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         raise
+    except KeyboardInterrupt:
+        if single:  # one line, not Keras's traceback: the run has ended KILLED
+            print("interrupted: the run ended KILLED; nothing was registered", file=sys.stderr)
+            sys.exit(130)
+        raise
     except Exception:
         from abalone.tracking import OUTAGE
 

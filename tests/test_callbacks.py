@@ -147,3 +147,21 @@ def test_a_remembered_interrupt_stops_training_at_the_epoch_end():
         model.fit(np.zeros((8, 2)), np.zeros((8, 1)), epochs=5, verbose=0,
                   callbacks=[SetAfterFirstEpoch(), RaiseOnInterrupt(interrupted)])
     assert epochs_seen == [0]
+
+
+def test_learning_curves_of_a_diverged_run_say_why_they_are_empty():
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from abalone.evaluate import learning_curves
+
+    diverged = learning_curves({"loss": [math.nan, math.inf], "val_loss": [math.nan, math.nan],
+                                "rmse": [math.inf, math.nan], "val_rmse": [math.nan, 3.0]})
+    texts = [[t.get_text() for t in ax.texts] for ax in diverged.axes]
+    assert texts == [["no finite loss to draw:\ntraining diverged"], []]
+    assert [len(ax.lines) for ax in diverged.axes] == [0, 1]  # val_rmse has a finite point
+    plt.close(diverged)
+    fine = learning_curves({"loss": [3.0, 2.0], "val_loss": [3.5, 2.5]})
+    assert [len(ax.lines) for ax in fine.axes] == [2, 0] and not fine.axes[0].texts
+    plt.close(fine)
