@@ -42,6 +42,7 @@ import mlflow  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from abalone.config import AbaloneError  # noqa: E402
+from abalone.mlflow_server import check_server_version  # noqa: E402
 
 # Config keys whose values are never logged, whatever group they come from.
 SECRET_KEY = re.compile(r"secret|password|token|credential|access_key|session_key", re.I)
@@ -236,6 +237,7 @@ def connect(tracking_cfg) -> str:
             f"tracking.uri=sqlite:///mlflow.db to track locally.") from err
     finally:
         OUTAGE.learning = None
+    check_server_version(uri, redact(uri), float(timeout))  # before anything trains
     OUTAGE.server, OUTAGE.grace = redact(uri), tracking_cfg.outage_grace
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")

@@ -1,0 +1,73 @@
+"""The tracking server's MLflow version, checked when connecting, before anything trains.
+
+Our client is MLflow 3 (pyproject: mlflow>=3.0), which logs a model through the logged-models API
+that MLflow 2.x servers lack: against a 2.x server (SageMaker managed MLflow offers 2.13.x,
+2.16.x and 3.0.x tracking servers) a run would train, then fail at log_model with a 404 on
+/api/2.0/mlflow/logged-models, and every trial of a sweep the same way. So a server older than 3.0
+is refused at connect time, naming its version, ours and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import mlflow
+from packaging.version import InvalidVersion, Version
+
+from abalone.config import AbaloneError
+
+OLDEST_SERVER = Version("3.0")
+log = logging.getLogger("abalone")
+
+
+class ServerVersionError(AbaloneError):
+    """The tracking server's MLflow is too old for our client; the message says what to do."""
+
+
+def server_version(uri: str, timeout: float) -> str | None:
+    """The MLflow version the server at `uri` (http(s) or a SageMaker ARN) answers on GET /version,
+    through MLflow's own request path (so an ARN's requests are signed as MLflow's are); None for a
+    store MLflow opens itself (sqlite, a folder), which is our own MLflow."""
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.tracking._tracking_service.utils import _get_store
+    from mlflow.utils.rest_utils import http_request
+
+    if uri.split(":", 1)[0] not in ("http", "https", "arn"):
+        return None
+    store = _get_store(uri)
+    if not isinstance(store, RestStore):
+        return None
+    response = http_request(store.get_host_creds(), "/version", "GET", max_retries=0,
+                            timeout=timeout, raise_on_status=False)
+    text = response.text.strip()
+    if response.status_code != 200 or not re.fullmatch(r"\d+\.\d+[\w.+-]*", text):
+        raise ValueError(f"GET /version answered HTTP {response.status_code} {text[:80]!r}")
+    return text
+
+
+def check_server_version(uri: str, shown_uri: str, timeout: float) -> None:
+    """Raise ServerVersionError if the server at `uri` runs MLflow older than 3.0. A server that
+    does not tell its version (a proxy in front that hides /version) is let through, with a
+    warning: it may still be MLflow 3."""
+    try:
+        version = server_version(uri, timeout)
+    except Exception as err:  # requests', MLflow's and ours: all mean "cannot tell"
+        log.warning("cannot tell the MLflow version of the tracking server at %s (%s); a server "
+                    "older than MLflow 3.0 would fail at log_model after training", shown_uri,
+                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+        return
+    if version is None:
+        return
+    try:
+        too_old = Version(version) < OLDEST_SERVER
+    except InvalidVersion:
+        return
+    if too_old:
+        raise ServerVersionError(
+            f"the MLflow tracking server at {shown_uri} runs MLflow {version}, and abalone's "
+            f"client is MLflow {mlflow.__version__}, which needs a server of MLflow "
+            f"{OLDEST_SERVER} or newer (a {version} server has no logged-models API, so every run "
+            f"would train and then fail at log_model). Nothing was trained. Use a tracking server "
+            f"of MLflow 3.0 or newer (on SageMaker: a tracking server created with MLflow version "
+            f"3.0, or an MLflow App), or track locally with tracking.uri=sqlite:///mlflow.db.")
