@@ -26,14 +26,27 @@ class ServerVersionError(AbaloneError):
 
 
 def server_version(uri: str, timeout: float) -> str | None:
-    """The MLflow version the server at `uri` (http(s) or a SageMaker ARN) answers on GET /version,
-    through MLflow's own request path (so an ARN's requests are signed as MLflow's are); None for a
-    store MLflow opens itself (sqlite, a folder), which is our own MLflow."""
+    """The MLflow version of the tracking server at `uri`: a SageMaker tracking server's from
+    DescribeMlflowTrackingServer (the job role's policy grants it on the server), any other
+    server's from its GET /version; None for an MLflow App (not checked) and for a store MLflow
+    opens itself (sqlite, a folder), which is our own MLflow."""
     from mlflow.store.tracking.rest_store import RestStore
     from mlflow.tracking._tracking_service.utils import _get_store
     from mlflow.utils.rest_utils import http_request
 
-    if uri.split(":", 1)[0] not in ("http", "https", "arn"):
+    if uri.startswith("arn:"):
+        # arn:PARTITION:sagemaker:REGION:ACCOUNT:mlflow-tracking-server/NAME (or mlflow-app/ID)
+        region, resource = uri.split(":")[3], uri.split(":", 5)[5]
+        kind, _, name = resource.partition("/")
+        if kind != "mlflow-tracking-server":
+            return None
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client("sagemaker", region_name=region, config=Config(
+            connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}))
+        return client.describe_mlflow_tracking_server(TrackingServerName=name)["MlflowVersion"]
+    if uri.split(":", 1)[0] not in ("http", "https"):
         return None
     store = _get_store(uri)
     if not isinstance(store, RestStore):
@@ -47,9 +60,9 @@ def server_version(uri: str, timeout: float) -> str | None:
 
 
 def check_server_version(uri: str, shown_uri: str, timeout: float) -> None:
-    """Raise ServerVersionError if the server at `uri` runs MLflow older than 3.0. A server that
-    does not tell its version (a proxy in front that hides /version) is let through, with a
-    warning: it may still be MLflow 3."""
+    """Raise ServerVersionError if the server at `uri` runs MLflow older than 3.0. A server whose
+    version cannot be read (a proxy in front that hides /version, a role without
+    DescribeMlflowTrackingServer) is let through, with a warning: it may still be MLflow 3."""
     try:
         version = server_version(uri, timeout)
     except Exception as err:  # requests', MLflow's and ours: all mean "cannot tell"

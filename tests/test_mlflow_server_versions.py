@@ -5,9 +5,12 @@ logged-models API that log_model needs)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import mlflow
@@ -117,3 +120,51 @@ def test_a_server_that_hides_its_version_is_let_through_with_a_warning(tmp_path,
         stop(files)
     assert (f"cannot tell the MLflow version of the tracking server at {url} (GET /version "
             f"answered HTTP 404") in caplog.text
+
+
+@pytest.mark.parametrize("mlflow_version, refused", [("2.16.2", True), ("3.0", False)])
+def test_a_sagemaker_tracking_servers_version_comes_from_describe_mlflow_tracking_server(
+        monkeypatch, mlflow_version, refused):
+    # SageMaker's API for DescribeMlflowTrackingServer, answered by a server on 127.0.0.1 that
+    # boto3 is pointed at, as at a region's endpoint.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from abalone.mlflow_server import ServerVersionError, check_server_version
+
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/abalone-test"
+    asked = []
+
+    class SageMakerApi(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            asked.append((self.headers["X-Amz-Target"], body, self.headers["Authorization"]))
+            answer = json.dumps({"TrackingServerArn": arn, "TrackingServerName": "abalone-test",
+                                 "MlflowVersion": mlflow_version}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    api = ThreadingHTTPServer(("127.0.0.1", 0), SageMakerApi)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", f"http://127.0.0.1:{api.server_port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAABALONETEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    try:
+        if refused:
+            with pytest.raises(ServerVersionError, match=re.escape(
+                    f"the MLflow tracking server at {arn} runs MLflow 2.16.2, and abalone's client "
+                    f"is MLflow {mlflow.__version__}")):
+                check_server_version(arn, arn, 5)
+        else:
+            check_server_version(arn, arn, 5)
+    finally:
+        api.shutdown()
+    ((target, body, authorization),) = asked
+    assert target == "SageMaker.DescribeMlflowTrackingServer"
+    assert body == {"TrackingServerName": "abalone-test"}
+    assert "/eu-west-1/sagemaker/aws4_request" in authorization  # the ARN's region
