@@ -9,7 +9,10 @@ One entry point for both ways the image runs:
   `{"model": "wide", "trainer.epochs": "20"}` trains `model=wide trainer.epochs=20`, and
   `{"hydra.mode": "MULTIRUN", "sweep": "quick"}` runs a sweep), outputs go to /opt/ml/model, and a
   failure's reason goes to /opt/ml/output/failure, which SageMaker shows as the job's
-  FailureReason. A job's `ContainerArguments` arrive as plain arguments, as on EC2. A fleet worker
+  FailureReason. With no arguments at all, a SageMaker-shaped environment (hyperparameters.json
+  present, or TRAINING_JOB_NAME set, as in the SageMaker Python SDK's local mode) starts the same
+  way; otherwise one run with the defaults; either way the first line says which and why (see
+  `start_kind`). A job's `ContainerArguments` arrive as plain arguments, as on EC2. A fleet worker
   (workers=sagemaker) on a job of several hosts adds its host's place in
   /opt/ml/input/config/resourceconfig.json to the job's first rank.
 
@@ -76,6 +79,28 @@ def hyperparameter_overrides(path: Path) -> list[str]:
     return overrides
 
 
+def start_kind(argv: list[str], job_name: str | None, has_hyperparameters: bool) -> tuple[bool, str]:
+    """Whether the container's arguments (and, with none, its environment) make a SageMaker start,
+    and, for a start without arguments, the line that says which was chosen and why.
+
+    A SageMaker job starts the image as `IMAGE train`, but the SageMaker Python SDK's local mode
+    (v3 ModelTrainer) starts it with no command at all, in a job's environment: that is a SageMaker
+    start too, or the job's hyperparameters would be silently left out.
+    """
+    if argv:
+        return argv[0] == "train", ""
+    signs = [f"{HYPERPARAMETERS} exists"] if has_hyperparameters else []
+    if job_name:
+        signs.append(f"TRAINING_JOB_NAME is set ({job_name})")
+    if signs:
+        return True, (f"abalone.container: starting as a SageMaker training job, as `train` "
+                      f"would (the training channel, hyperparameters.json, the failure file): "
+                      f"no arguments, and {' and '.join(signs)}")
+    return False, (f"abalone.container: starting one run with the default settings: no arguments, "
+                   f"no {HYPERPARAMETERS} and no TRAINING_JOB_NAME (give Hydra overrides, or "
+                   f"`train` to start as a SageMaker training job)")
+
+
 def training_command(argv: list[str]) -> list[str]:
     """The `python -m abalone.train` command line for the container's arguments."""
     if argv[:1] == ["train"]:  # SageMaker's start: the job's settings come from files
@@ -119,6 +144,12 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("SM_MODEL_DIR", str(MODEL_DIR))
     if RANK_ENV in os.environ:
         os.environ[RANK_ENV] = host_rank(os.environ[RANK_ENV])
+    sagemaker, why = start_kind(argv, os.environ.get("TRAINING_JOB_NAME"),
+                                HYPERPARAMETERS.is_file())
+    if why:  # the first line of the job's log
+        print(why, file=sys.stderr, flush=True)
+    if sagemaker and not argv:
+        argv = ["train"]
     try:
         command = training_command(argv)
     except StartError as err:

@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # The tests: set up .venv with the dev extra, and the Debian packages the tests need when missing
 # (PostgreSQL's server binaries for sweeps on a shared storage, Podman with what it needs here to
-# build and run the container image, chromium for the MLflow UI test), then pytest (arguments go to
-# pytest). The tests read the UCI file from $ABALONE_DATA and start their own MLflow servers,
-# PostgreSQL cluster and containers on 127.0.0.1.
+# build and run the container image, docker-compose for the SageMaker SDK's local mode, chromium
+# for the MLflow UI test), then pytest (arguments go to pytest). The tests read the UCI file from
+# $ABALONE_DATA and start their own MLflow servers, PostgreSQL cluster and containers on 127.0.0.1.
 # shellcheck source=scripts/venv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 needed=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || needed+=(postgresql)
 [ -x /usr/bin/chromium ] || needed+=(chromium)
-for tool in podman mmdebstrap runc newuidmap; do
+# docker-compose and a `docker` command (Podman's) for the SageMaker SDK's local mode, which the
+# tests run over Podman's Docker API socket.
+for tool in podman mmdebstrap runc newuidmap docker-compose docker; do
     command -v "$tool" >/dev/null || needed+=("$tool")
 done
 if [ ${#needed[@]} -gt 0 ]; then
-    packages=("${needed[@]/newuidmap/uidmap}")
+    packages=()
+    for tool in "${needed[@]}"; do
+        case "$tool" in
+            newuidmap) packages+=(uidmap) ;;
+            docker) packages+=(podman-docker) ;;  # Podman's `docker` command
+            *) packages+=("$tool") ;;
+        esac
+    done
     if [ "$(id -u)" = 0 ]; then
         echo "installing Debian's ${packages[*]} for the tests ..." >&2
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

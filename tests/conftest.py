@@ -54,15 +54,16 @@ QUIET_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def start_mlflow_server(root: Path, *extra: str, env: dict | None = None,
-                        port: int | None = None):
+                        port: int | None = None, python: str = sys.executable):
     """An `mlflow server` subprocess on 127.0.0.1 (`port`, else a free one) with its store under
-    `root`; returns (url, proc). The server leads its own process group (uvicorn is its child),
-    so a test can kill the whole server with os.killpg."""
+    `root`, run by `python` (another venv's for another MLflow version); returns (url, proc). The
+    server leads its own process group (uvicorn is its child), so a test can kill the whole server
+    with os.killpg."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = open(root / "server.log", "a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        [python, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/server.db", *extra],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**(env or os.environ), **QUIET_SERVER})

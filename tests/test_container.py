@@ -352,3 +352,27 @@ def test_stopping_a_sagemaker_sweep_keeps_finished_trials_and_queues_the_running
     assert states.count("COMPLETE") + states.count("PRUNED") >= 1, states
     assert "RUNNING" not in states and "WAITING" in states, states  # queued again
     assert "interrupted" in (opt_ml / "output" / "failure").read_text()
+
+
+def test_a_start_without_arguments_is_sagemakers_in_a_jobs_environment():
+    from abalone.container import HYPERPARAMETERS, start_kind
+
+    # Arguments say it: `train` is SageMaker's start, anything else overrides, and nothing is said.
+    assert start_kind(["train"], None, False) == (True, "")
+    assert start_kind(["trainer.epochs=2"], "job-1", True) == (False, "")
+    # No arguments (the SageMaker SDK v3's local mode sends no command): the environment decides,
+    # and the first line says which start and why.
+    for job_name, has_file, signs in (
+            ("job-1", True, [str(HYPERPARAMETERS), "TRAINING_JOB_NAME is set (job-1)"]),
+            (None, True, [f"{HYPERPARAMETERS} exists"]),
+            ("job-1", False, ["TRAINING_JOB_NAME is set (job-1)"])):
+        sagemaker, why = start_kind([], job_name, has_file)
+        assert sagemaker and why.startswith("abalone.container: starting as a SageMaker training "
+                                            "job, as `train` would")
+        assert all(sign in why for sign in signs), why
+        assert (str(HYPERPARAMETERS) + " exists" in why) == has_file
+    sagemaker, why = start_kind([], None, False)
+    assert not sagemaker
+    assert why.startswith("abalone.container: starting one run with the default settings: no "
+                          "arguments, no /opt/ml/input/config/hyperparameters.json and no "
+                          "TRAINING_JOB_NAME"), why

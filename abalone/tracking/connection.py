@@ -39,6 +39,7 @@ import mlflow  # noqa: E402
 from abalone.config import AbaloneError  # noqa: E402
 from abalone.redact import redact  # noqa: E402
 from abalone.tracking import mlflow_retries  # noqa: E402
+from abalone.tracking.server_version import check_server_version  # noqa: E402
 
 class TrackingError(AbaloneError):
     """The tracking server cannot be used; the message names the URI and the cause."""
@@ -216,6 +217,7 @@ def connect(tracking_cfg) -> str:
             f"tracking.uri=sqlite:///mlflow.db to track locally.") from err
     finally:
         OUTAGE.learning = None
+    check_server_version(uri, redact(uri), float(timeout))  # before anything trains
     OUTAGE.server, OUTAGE.grace = redact(uri), tracking_cfg.outage_grace
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
