@@ -197,16 +197,16 @@ def test_a_dead_process_s_trial_fails_at_once_and_a_silent_one_after_stale_after
 def test_optuna_s_heartbeat_fails_a_silent_trial_of_a_database_storage(tmp_path):
     from abalone.sweep.storage import make_storage
 
-    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}", stale_after=1)
+    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}", stale_after=3)
     study = optuna.create_study(storage=storage)
     assert slots.has_heartbeat(study)
     trial = study.ask({"x": FloatDistribution(0, 1)})
     trial.set_user_attr("host", "another-host")
     with slots.Heartbeat(study, trial, 0.2):
-        time.sleep(0.5)
-        assert slots.fail_stale_trials(study, 1, lambda t: None) == []  # it beats
-    time.sleep(1.6)
-    assert slots.fail_stale_trials(study, 1, lambda t: None) == [trial.number]
+        time.sleep(1)
+        assert slots.fail_stale_trials(study, 3, lambda t: None) == []  # it beats
+    time.sleep(3.5)
+    assert slots.fail_stale_trials(study, 3, lambda t: None) == [trial.number]
     (retry,) = [t for t in study.trials if t.state == TrialState.WAITING]
     assert slots.retried_number(retry) == trial.number
 
