@@ -6,15 +6,15 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from bench.services import (  # noqa: F401 - test files import them from here
+    QUIET_SERVER, free_port, start_mlflow_server, stop, wait_for_http)
 
 REPO = Path(__file__).resolve().parents[1]
 # How long one tiny CLI run may take before the test calls it hung (import + 2 epochs ~ 15 s).
@@ -28,60 +28,6 @@ def data_file() -> Path:
     if not value or not Path(value).is_file():
         pytest.fail("set ABALONE_DATA to a copy of the UCI abalone.data file to run the tests")
     return Path(value)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
-
-
-# MLflow 3's job consumers (GenAI jobs; tracking does not use them) poll at ~40% of a core idle.
-QUIET_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-
-def start_mlflow_server(root: Path, *extra: str, env: dict | None = None,
-                        port: int | None = None, python: str = sys.executable):
-    """An `mlflow server` subprocess on 127.0.0.1 (`port`, else a free one) with its store under
-    `root`, run by `python` (another venv's for another MLflow version); returns (url, proc). The
-    server leads its own process group (uvicorn is its child), so a test can kill the whole server
-    with os.killpg."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    log = open(root / "server.log", "a")
-    proc = subprocess.Popen(
-        [python, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/server.db", *extra],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**(env or os.environ), **QUIET_SERVER})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/health", proc)
-    except RuntimeError:
-        proc.kill()
-        raise RuntimeError((root / "server.log").read_text()[-3000:])
-    return url, proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 
+from bench.overhead import OTHER
 from conftest import REPO
+from hydra_plugins.abalone_bench.phase_timing_launcher import PARTS
 
 
 def numbers(tree, path=""):
@@ -47,13 +49,12 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
         assert store["trials"] == 2 and len(store["per_trial"]) == 2  # the trials after the first
         assert 0 < store["overhead"] < store["wall"] and 0 < store["fit time"] < store["wall"]
         assert store["overhead CPU"] > 0 and store["load_average"] >= 0
-        parts = store["parts"]
-        for part in ("Optuna ask/tell and storage", "Hydra: composing the trial's config",
-                     "model build and compile", "MLflow run start and tags",
-                     "MLflow params; final metrics and tags", "evaluation", "MLflow run end"):
-            assert parts[part] > 0, part
+        # Every part of a trial, each timed (the phases of abalone/run.py among them).
+        assert list(store["parts"]) == list(PARTS)
+        for part, seconds in store["parts"].items():
+            assert seconds > 0, part
         # Named parts never overlap: in every trial they fit in its overhead.
-        assert all(trial["Hydra job set-up and other"] > -0.01 for trial in store["per_trial"])
+        assert all(trial[OTHER] > -0.01 for trial in store["per_trial"])
     assert [s["n_jobs"] for s in results["sweeps"]] == [1, 2]
     for sweep in results["sweeps"]:
         assert sweep["wall_seconds"] > 0 and sweep["trials_per_minute"] > 0
@@ -65,11 +66,16 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
         assert run["workers"] == 2 and run["trials"] == 4 and run["failed_workers"] == 0, run
         assert 0 < run["trials_per_second"] < run["ideal_trials_per_second"]
         assert run["peak_connections"] >= 1 and run["database_cpu_seconds_per_trial"] > 0
-        assert set(run["operations"]) == {"work_left", "fail_stale_trials", "ask", "within_total",
-                                          "mark_owner", "report", "heartbeat", "tell",
-                                          "best_trial"}
-        ask = run["operations"]["ask"]
-        assert ask["calls_per_trial"] == 1 and 0 < ask["p50_ms"] <= ask["p90_ms"] <= ask["p99_ms"]
+        operations = run["operations"]
+        assert set(operations) == {"start", "between_trials", "report"}
+        # The sweeper's loop: a trial is a worker's first or follows its previous one; every
+        # epoch is reported (sweep=search's pruner waits 8 epochs, the smoke has 3).
+        start, between = (operations[k]["calls_per_trial"] for k in ("start", "between_trials"))
+        assert start + between == 1 and start <= 2 / 4
+        assert operations["report"]["calls_per_trial"] == fleet["epochs"]
+        for span in operations.values():
+            assert 0 < span["p50_ms"] <= span["p90_ms"] <= span["p99_ms"]
+        assert 0 < run["storage_seconds_per_trial"] and run["worker_cpu_seconds_per_trial"] > 0
     assert "proxy_cpu_seconds_per_trial" in fleet["grpc_proxy"][0]
     assert "proxy_cpu_seconds_per_trial" not in fleet["postgresql"][0]
     serving = results["serving"]
@@ -92,4 +98,4 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
     assert "| our callback adds <= 5% to fit time |" in report
     assert "## Serving" in report and "| 10000 |" in report
     assert "| postgresql | 2 |" in report and "| grpc_proxy | 2 |" in report
-    assert "## Per-trial overhead" in report and "| model build and compile |" in report
+    assert "## Per-trial overhead" in report and f"| {PARTS[2]} |" in report
