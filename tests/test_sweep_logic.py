@@ -205,7 +205,7 @@ def test_optuna_s_heartbeat_fails_a_silent_trial_of_a_database_storage(tmp_path)
     with slots.Heartbeat(study, trial, 0.2):
         time.sleep(1)
         assert slots.fail_stale_trials(study, 3, lambda t: None) == []  # it beats
-    time.sleep(3.5)
+    time.sleep(4.6)  # past the grace period in SQLite's whole seconds
     assert slots.fail_stale_trials(study, 3, lambda t: None) == [trial.number]
     (retry,) = [t for t in study.trials if t.state == TrialState.WAITING]
     assert slots.retried_number(retry) == trial.number
