@@ -34,7 +34,8 @@ def learning_curves(history: dict[str, list[float]]):
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "rmse")):
-        curves = [(key, label) for key, label in ((metric, "train"), (f"val_{metric}", "validation"))
+        curves = [(key, label)
+                  for key, label in ((metric, "train"), (f"val_{metric}", "validation"))
                   if np.isfinite(history.get(key, [])).any()]
         for key, label in curves:
             ax.plot(epochs, history[key], label=label)

@@ -302,7 +302,8 @@ def open_run(cfg: DictConfig, ready: Prepared, history: dict, output_dir: Path,
     return tracking.TrackedRun(
         ready.experiment_id, run_name, tags, params,
         parent_run_id=trial.parent_run_id if trial else None, is_trial=trial is not None,
-        interrupted=interrupted, on_stop=functools.partial(record_stop, cfg, history, output_dir, trial))
+        interrupted=interrupted,
+        on_stop=functools.partial(record_stop, cfg, history, output_dir, trial))
 
 
 def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None = None,

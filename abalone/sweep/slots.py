@@ -3,9 +3,9 @@ trial, and trials whose process is gone.
 
 A trial holds a slot when it is COMPLETE, PRUNED, RUNNING, WAITING, or FAIL because its training
 raised; a trial interrupted (Ctrl-C) or left RUNNING by a dead process is failed and its
-parameters queued again by Optuna's `RetryHeartbeatStaleTrialCallback`, and the retry takes its slot. A
-trial may start only while fewer than `n_trials` trials numbered before it hold slots; numbers
-come from the storage, so no two processes can both take the last slot.
+parameters queued again by Optuna's `RetryHeartbeatStaleTrialCallback`, and the retry takes its
+slot. A trial may start only while fewer than `n_trials` trials numbered before it hold slots;
+numbers come from the storage, so no two processes can both take the last slot.
 
 Staleness: a RUNNING trial of this host whose process is gone fails at once, whatever the
 storage (Optuna has no such check). A trial silent for `stale_after` seconds fails by Optuna's
