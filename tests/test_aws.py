@@ -20,31 +20,13 @@ import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, free_port, run_cli, start_mlflow_server, stop, wait_for_http
+from conftest import REPO, TINY, free_port, run_cli, start_mlflow_server, stop
 
 ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/abalone-test"
 SECRET = "not-a-real-secret-but-never-logged"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIAABALONETEST", "AWS_SECRET_ACCESS_KEY": SECRET,
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 MODEL = "abalone-tensorflow-model"
-
-
-@pytest.fixture(scope="module")
-def moto_s3(tmp_path_factory):
-    """moto's standalone server on 127.0.0.1 as the S3 endpoint, with one bucket; its log lists
-    every request it serves."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/moto-api/", proc)
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                      aws_access_key_id="x", aws_secret_access_key="x")
-    s3.create_bucket(Bucket="abalone-bucket")
-    yield url, s3, log_path
-    stop(proc)
 
 
 def s3_actions_since(log_path: Path, offset: int) -> list[tuple[str, str]]:
@@ -181,6 +163,7 @@ def table_rows(requests) -> list[dict]:
     return found
 
 
+@pytest.mark.slow
 def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, moto_s3,
                                                           s3_mlflow_server):
     endpoint, s3, moto_log = moto_s3
@@ -256,6 +239,7 @@ def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, 
         assert all(allows(policy, action, arn) for action, arn in s3_requests), policy
 
 
+@pytest.mark.slow
 def test_mlflow_app_requests_signed_for_sagemaker_and_granted(tmp_path, data_file, moto_s3,
                                                                 s3_mlflow_server):
     """An MLflow App ARN: the plugin signs for service `sagemaker`, and the App policy's one
@@ -324,6 +308,7 @@ def test_rest_actions_table_matches_mlflows_own_routes():
         assert row["basis"] == "same-name" or row.get("reason"), row
 
 
+@pytest.mark.slow
 def test_output_s3_uri_uploads_the_run_folder(tmp_path, data_file, moto_s3, s3_mlflow_server):
     endpoint, s3, moto_log = moto_s3
     server_url, prefix = s3_mlflow_server
@@ -349,6 +334,7 @@ def test_output_s3_uri_uploads_the_run_folder(tmp_path, data_file, moto_s3, s3_m
     assert any(k.endswith(f"{run_id}/artifacts/config.yaml") for k in keys_in(s3, prefix))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, env, words", [
     (["tracking=sagemaker", "tracking.arn=arn:aws:s3:::not-mlflow"], AWS_ENV,
      "is not a SageMaker MLflow tracking server or MLflow App ARN"),
@@ -389,6 +375,7 @@ def test_arn_partition_agrees_with_its_region_and_the_plugin(arn, words):
             aws.check_arn(arn)
 
 
+@pytest.mark.slow
 def test_unreachable_sagemaker_server_fails_within_seconds(tmp_path, data_file):
     import time
 
@@ -426,16 +413,30 @@ def test_tracking_server_name_resolves_to_its_arn(monkeypatch):
     stubber.assert_no_pending_responses()
 
 
-def test_sagemaker_channel_and_model_dir_are_honoured(tmp_path, data_file, monkeypatch):
-    channel, model_dir = tmp_path / "channel", tmp_path / "model"
+@pytest.mark.slow
+def test_sagemaker_channel_and_model_dir_are_honoured(tmp_path, data_file):
+    # Hermetic: no data.path, no $ABALONE_DATA, an empty cache and a download URL nothing answers,
+    # so only the channel can provide the data.
+    channel, model_dir, home = tmp_path / "channel", tmp_path / "model", tmp_path / "home"
     channel.mkdir()
+    home.mkdir()
     shutil.copy(data_file, channel / "abalone.data")
-    done = run_cli(["trainer.epochs=1", "tracking.enabled=false"], cwd=tmp_path, data=None,
-                   env={"SM_CHANNEL_TRAINING": str(channel), "SM_MODEL_DIR": str(model_dir)})
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    done = run_cli(["trainer.epochs=1", f"tracking.uri={store}", "tracking.register=false",
+                    f"data.cache_dir={tmp_path / 'empty-cache'}",
+                    f"data.url=http://127.0.0.1:{free_port()}/abalone.data"],
+                   cwd=tmp_path, data=None, env={"SM_CHANNEL_TRAINING": str(channel),
+                                                 "SM_MODEL_DIR": str(model_dir),
+                                                 "HOME": str(home)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (model_dir / "model.keras").is_file() and (model_dir / "config.yaml").is_file()
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("abalone-tensorflow-experiment").experiment_id])
+    assert run.data.tags["dataset.path"] == str(channel / "abalone.data")
 
 
+@pytest.mark.slow
 def test_scripts_are_shellcheck_clean():
     scripts = sorted(str(p) for p in [*(REPO / "scripts").glob("*.sh"),
                                       *(REPO / "tests" / "container").glob("*.sh")])
