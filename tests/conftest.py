@@ -63,12 +63,20 @@ def no_leaked_environment(request):
 
 @pytest.fixture(autouse=True)
 def quick_tests_start_no_process(request, monkeypatch):
-    """A test not marked `slow` may not start a process: the quick tier stays in-process."""
+    """A test not marked `slow` may not start Python (the CLI, a server, moto), a script of the
+    project, Podman or a browser: the quick tier stays in-process. (Libraries' own helpers,
+    such as ctypes running ldconfig, are left alone.)"""
     if request.node.get_closest_marker("slow"):
         return
+    real = subprocess.Popen.__init__
+    ours = (str(Path(sys.executable).parent), str(REPO))
 
     def refuse(self, args, *rest, **kwargs):
-        pytest.fail(f"{request.node.nodeid} starts {args!r}: mark it slow", pytrace=False)
+        program = str(args[0] if isinstance(args, (list, tuple)) else args).split()[0]
+        if program.startswith(ours) or Path(program).name in (
+                "python", "python3", "podman", "docker", "chromium", "bash", "sh", "runuser"):
+            pytest.fail(f"{request.node.nodeid} starts {program}: mark it slow", pytrace=False)
+        real(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 

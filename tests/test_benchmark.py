@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 
 def numbers(tree, path=""):
