@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import http.client
 import json
 import os
 import pwd
@@ -18,8 +19,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -245,6 +250,62 @@ def poll(condition, what: str, timeout: float = CLI_TIMEOUT, every: float = 0.2)
             return value
         time.sleep(every)
     raise AssertionError(f"{what}: not within {timeout}s")
+
+
+class Proxy(ThreadingHTTPServer):
+    """An HTTP proxy on 127.0.0.1 in front of `upstream`, serving from a thread of its own. It
+    records each request (method, path, headers); while `status` is set it answers every request
+    with that status (and Retry-After: 1) instead, counting them in `answered`; `rewrite(path,
+    status, body)` may change what the upstream answered."""
+
+    def __init__(self, upstream: str, rewrite=None):
+        self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self.rewrite = rewrite or (lambda path, status, body: body)
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.status: int | None = None
+        self.answered: Counter = Counter()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        proxy = self.server
+        proxy.requests.append((self.command, self.path, dict(self.headers.items())))
+        status = proxy.status
+        if status is not None:
+            proxy.answered[status] += 1
+            self.send_response(status)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        # The upstream gets no Authorization: the client signed for the proxy's address.
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "authorization", "connection", "content-length")}
+        upstream = http.client.HTTPConnection(proxy.upstream, timeout=60)
+        upstream.request(self.command, self.path, body=body, headers=headers)
+        response = upstream.getresponse()
+        content = proxy.rewrite(self.path, response.status, response.read())
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+        upstream.close()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
 
 # -- moto's standalone server ----------------------------------------------------------------

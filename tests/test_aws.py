@@ -6,21 +6,18 @@ request made and against AWS's list of actions, and the container files."""
 from __future__ import annotations
 
 import fnmatch
-import http.server
 import json
 import re
 import shutil
 import subprocess
 import sys
-import threading
-import urllib.request
 from pathlib import Path
 
 import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, free_port, run_cli, start_mlflow_server, stop
+from conftest import REPO, TINY, Proxy, free_port, run_cli, start_mlflow_server, stop
 
 ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/abalone-test"
 SECRET = "not-a-real-secret-but-never-logged"
@@ -68,52 +65,31 @@ def s3_mlflow_server(tmp_path_factory, moto_s3):
     stop(proc)
 
 
-class RecordingProxy:
-    """Forwards every request to `target` and records method, path, Authorization header and the
-    ARN header the plugin routes by. New model versions come back PENDING_REGISTRATION, as
-    SageMaker's automatic model registration may leave them, so MLflow polls them as there."""
+ARN_HEADERS = ("x-mlflow-sm-tracking-server-arn", "x-sm-mlflow-app-arn")
 
-    def __init__(self, target: str):
-        self.requests: list[tuple[str, str, str, str]] = []
-        proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                arn = (self.headers.get("x-mlflow-sm-tracking-server-arn")
-                       or self.headers.get("x-sm-mlflow-app-arn") or "")
-                proxy.requests.append((self.command, self.path,
-                                       self.headers.get("Authorization", ""), arn))
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "authorization", "content-length")}
-                request = urllib.request.Request(target + self.path, data=body or None,
-                                                 headers=headers, method=self.command)
-                try:
-                    with urllib.request.urlopen(request, timeout=60) as response:
-                        status, data, rheaders = response.status, response.read(), response.headers
-                except urllib.error.HTTPError as err:
-                    status, data, rheaders = err.code, err.read(), err.headers
-                if status == 200 and self.path.endswith("/model-versions/create"):
-                    created = json.loads(data)
-                    created["model_version"]["status"] = "PENDING_REGISTRATION"
-                    data = json.dumps(created).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", rheaders.get("Content-Type", "application/json"))
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+def sagemaker_proxy(target: str) -> Proxy:
+    """A recording proxy in front of `target` whose new model versions come back
+    PENDING_REGISTRATION, as SageMaker's automatic model registration may leave them, so MLflow
+    polls them as there."""
+    def pending(path: str, status: int, body: bytes) -> bytes:
+        if status != 200 or not path.endswith("/model-versions/create"):
+            return body
+        created = json.loads(body)
+        created["model_version"]["status"] = "PENDING_REGISTRATION"
+        return json.dumps(created).encode()
 
-            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = forward
+    return Proxy(target, rewrite=pending)
 
-            def log_message(self, *args):
-                pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
+def signed(requests) -> list[tuple[str, str, str, str]]:
+    """(method, path, Authorization header, the ARN header the plugin routes by) of each."""
+    found = []
+    for method, path, headers in requests:
+        lower = {k.lower(): v for k, v in headers.items()}
+        found.append((method, path, lower.get("authorization", ""),
+                      next((lower[h] for h in ARN_HEADERS if h in lower), "")))
+    return found
 
 
 def sagemaker_env(proxy_url: str, s3_endpoint: str) -> dict:
@@ -169,7 +145,7 @@ def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, 
     endpoint, s3, moto_log = moto_s3
     server_url, prefix = s3_mlflow_server
     moto_offset = moto_log.stat().st_size
-    proxy = RecordingProxy(server_url)
+    proxy = sagemaker_proxy(server_url)
     try:
         env = sagemaker_env(proxy.url, endpoint)
         single = run_cli([*TINY, "tracking=sagemaker", f"tracking.arn={ARN}"], cwd=tmp_path,
@@ -185,7 +161,7 @@ def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, 
 
     # Every request went through the plugin, SigV4-signed for sagemaker-mlflow in the ARN's region.
     assert len(proxy.requests) > 20
-    for method, path, authorization, arn in proxy.requests:
+    for method, path, authorization, arn in signed(proxy.requests):
         assert authorization.startswith("AWS4-HMAC-SHA256 Credential=AKIAABALONETEST/"), path
         assert "/us-east-1/sagemaker-mlflow/aws4_request" in authorization, path
         assert arn == ARN, path
@@ -246,7 +222,7 @@ def test_mlflow_app_requests_signed_for_sagemaker_and_granted(tmp_path, data_fil
     action covers every request a run with registration sends."""
     endpoint, *_ = moto_s3
     server_url, _ = s3_mlflow_server
-    proxy = RecordingProxy(server_url)
+    proxy = sagemaker_proxy(server_url)
     try:
         done = run_cli([*TINY, "tracking=sagemaker", f"tracking.arn={APP_ARN}"], cwd=tmp_path,
                        data=data_file, env=sagemaker_env(proxy.url, endpoint))
@@ -255,7 +231,7 @@ def test_mlflow_app_requests_signed_for_sagemaker_and_granted(tmp_path, data_fil
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     app = REST_ACTIONS["mlflow-app"]
     assert app["signing_name"] == "sagemaker"
-    for method, path, authorization, arn in proxy.requests:
+    for method, path, authorization, arn in signed(proxy.requests):
         assert f"/us-east-1/{app['signing_name']}/aws4_request" in authorization, path
         assert arn == APP_ARN, path
     rows = table_rows(proxy.requests)  # the same requests as on a tracking server

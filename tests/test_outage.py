@@ -6,7 +6,6 @@ The outages wait on purpose and are kept to a few seconds: each sweep carries se
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import signal
@@ -14,8 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import optuna
@@ -23,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import (CLI_TIMEOUT, free_port, load_study, poll, scrubbed_environ,
+from conftest import (CLI_TIMEOUT, Proxy, free_port, load_study, poll, scrubbed_environ,
                       start_mlflow_server, sweep_runs)
 
 pytestmark = pytest.mark.slow
@@ -202,47 +199,6 @@ for _ in sys.stdin:  # the test sets the proxy's answer, then asks for one reque
 """
 
 
-class ThrottlingProxy(ThreadingHTTPServer):
-    """Forwards to the MLflow server, or answers every request with `status` while it is set."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream_port, self.status = upstream_port, None
-        self.answered: Counter = Counter()
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _ProxyHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-    def _handle(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        status = self.server.status
-        if status is not None:
-            self.server.answered[status] += 1
-            self.send_response(status)
-            self.send_header("Retry-After", "1")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-        upstream.request(self.command, self.path, body=body, headers=headers)
-        response = upstream.getresponse()
-        content = response.read()
-        self.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(content)))
-        self.end_headers()
-        self.wfile.write(content)
-        upstream.close()
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
-
-
 def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttling(
         tmp_path, data_file, server):
     # Named: the rerun reaches the server through a proxy, another tracking.uri.
@@ -262,8 +218,7 @@ def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttl
     assert [t.state for t in load_study(journal).trials] == [TrialState.FAIL]
 
     server.start()
-    proxy = ThrottlingProxy(server.port)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    proxy = Proxy(server.url)
     try:
         # The same sweep again (the default grace), through a proxy that throttles a while.
         sweep = Sweep([*args, f"tracking.uri={proxy.url}"], tmp_path, data_file)
@@ -303,4 +258,4 @@ def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttl
         check.stdin.close()
         assert check.wait(timeout=60) == 0
     finally:
-        proxy.shutdown()
+        proxy.close()
