@@ -16,7 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import TINY, free_port, load_study, podman, run_cli, sweep_runs
+from conftest import (TINY, free_port, load_study, podman, run_cli, scrubbed_environ,
+                      sweep_runs)
 
 STALE_AFTER = 20  # seconds without a heartbeat after which a trial counts as abandoned
 
@@ -49,8 +50,8 @@ def test_container_workers_share_one_study_and_a_rerun_retries_a_killed_containe
                "workers.count=3", "workers.engine=podman", f"workers.image={image}",
                "workers.build=false", f"workers.data_dir={data_dir}",
                f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    env = {k: v for k, v in podman_env.items() if not k.startswith("MLFLOW_")}
-    env["ABALONE_DATA"] = str(data_file)
+    env = scrubbed_environ(CONTAINERS_CONF=podman_env["CONTAINERS_CONF"],
+                           ABALONE_DATA=str(data_file))
 
     # The first run: kill the container of a running trial, then Ctrl-C the command.
     with open(tmp_path / "first.log", "w") as out:
