@@ -95,8 +95,8 @@ def run_training_sh(env: dict, base: str, image: str, data_dir: Path, output_dir
 def test_ec2_start_trains_tracks_and_registers_a_model_the_host_loads(
         tmp_path, data_file, podman_env, standin_base, project_image, mlflow_server, monkeypatch):
     data_dir, output_dir = training_folders(tmp_path, data_file)
-    done = run_training_sh(podman_env, standin_base, project_image, data_dir, output_dir, "trainer.epochs=2",
-                           "tracking=server", f"tracking.uri={mlflow_server}")
+    done = run_training_sh(podman_env, standin_base, project_image, data_dir, output_dir,
+                           "trainer.epochs=2", "tracking=server", f"tracking.uri={mlflow_server}")
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]
     assert "logging in" not in out  # a local base: no registry login, no pull

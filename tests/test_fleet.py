@@ -93,7 +93,8 @@ def test_container_workers_share_one_study_and_a_rerun_retries_a_killed_containe
     trials = load_study(postgres_url).trials
     by_number = {t.number: t for t in trials}
     # The killed container's trial is left RUNNING, unless the coordinator's stale-trial check
-    # failed it and queued it again before the Ctrl-C: both are legal. The stopped workers' trials are queued again.
+    # failed it and queued it again before the Ctrl-C: both are legal. The stopped workers'
+    # trials are queued again.
     killed_state = by_number[killed_trial].state
     assert killed_state in (TrialState.RUNNING, TrialState.FAIL), [t.state for t in trials]
     assert not [t for t in trials if t.state == TrialState.RUNNING and t.number != killed_trial]

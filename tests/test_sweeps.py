@@ -386,6 +386,28 @@ def test_interrupted_sweep_resumes_to_the_total(tmp_path, data_file, how):
 
 
 @pytest.mark.slow
+def test_a_rerun_whose_only_unfinished_trial_was_left_running_retries_it(tmp_path, data_file):
+    # The last trial of a two-point grid left RUNNING by a killed process holds the study's
+    # last slot: the rerun must fail it and run its retry, not find the study done.
+    args = grid_args(tmp_path, "optimizer.lr=0.01,0.02", "trainer.epochs=20")
+    storage = str(tmp_path / "study.journal")
+    proc = start_sweep(args, tmp_path, data_file)
+    last = wait_for_trials(storage, proc, finished=1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert [t.state for t in load_study(storage).trials if not t.state.is_finished()] == [
+        TrialState.RUNNING]
+
+    done = run_cli(args, cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(storage)
+    assert_total_honoured(study, 2)
+    assert study.trials[last].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == last]
+    assert retry.state == TrialState.COMPLETE and retry.params == study.trials[last].params
+
+
+@pytest.mark.slow
 def test_champion_alias_only_for_a_better_test_rmse(tmp_path, data_file):
     good = run_cli(grid_args(tmp_path, "optimizer.lr=0.02,0.01", "trainer.epochs=8"),
                    cwd=tmp_path, data=data_file)

@@ -357,6 +357,9 @@ class _Sweep:
     def start_workers(self) -> None:
         from abalone import study
 
+        # A trial a dead process left RUNNING holds its slot until it is failed and queued again:
+        # fail it first, or a rerun whose only unfinished trial is one starts no workers.
+        study.fail_stale_trials(self.study, self.s.stale_after, self.end_stale_run)
         if not self.workers.count or not study.work_left(self.study, self.n_trials):
             return  # a finished study needs no workers (each SageMaker job bills its start-up)
         if not self.remote:  # before TensorFlow loads here; the processes inherit it
