@@ -502,8 +502,9 @@ def test_n_jobs_runs_trials_in_parallel_processes(tmp_path, data_file):
     assert proc.returncode == 0, output[-4000:]
     study = load_study(str(tmp_path / "optuna-studies.journal"))
     assert_total_honoured(study, 4)
-    # The command and the one process it started: how the trials fall between the two is the
-    # scheduler's choice (the command starts on trials while the other process imports).
+    # The command and the one process it started (its failure would fail the command): how the
+    # trials fall between the two is the scheduler's choice (the command starts on trials
+    # while the other process imports).
     assert 1 <= len(trial_pids(study)) <= 2
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (parent,), runs = sweep_runs(client)
