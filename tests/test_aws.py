@@ -6,45 +6,24 @@ request made and against AWS's list of actions, and the container files."""
 from __future__ import annotations
 
 import fnmatch
-import http.server
 import json
 import re
 import shutil
 import subprocess
 import sys
-import threading
-import urllib.request
 from pathlib import Path
 
 import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, free_port, run_cli, start_mlflow_server, stop, wait_for_http
+from conftest import REPO, TINY, Proxy, free_port, run_cli, start_mlflow_server, stop
 
 ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/abalone-test"
 SECRET = "not-a-real-secret-but-never-logged"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIAABALONETEST", "AWS_SECRET_ACCESS_KEY": SECRET,
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 MODEL = "abalone-tensorflow-model"
-
-
-@pytest.fixture(scope="module")
-def moto_s3(tmp_path_factory):
-    """moto's standalone server on 127.0.0.1 as the S3 endpoint, with one bucket; its log lists
-    every request it serves."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/moto-api/", proc)
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                      aws_access_key_id="x", aws_secret_access_key="x")
-    s3.create_bucket(Bucket="abalone-bucket")
-    yield url, s3, log_path
-    stop(proc)
 
 
 def s3_actions_since(log_path: Path, offset: int) -> list[tuple[str, str]]:
@@ -86,52 +65,31 @@ def s3_mlflow_server(tmp_path_factory, moto_s3):
     stop(proc)
 
 
-class RecordingProxy:
-    """Forwards every request to `target` and records method, path, Authorization header and the
-    ARN header the plugin routes by. New model versions come back PENDING_REGISTRATION, as
-    SageMaker's automatic model registration may leave them, so MLflow polls them as there."""
+ARN_HEADERS = ("x-mlflow-sm-tracking-server-arn", "x-sm-mlflow-app-arn")
 
-    def __init__(self, target: str):
-        self.requests: list[tuple[str, str, str, str]] = []
-        proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                arn = (self.headers.get("x-mlflow-sm-tracking-server-arn")
-                       or self.headers.get("x-sm-mlflow-app-arn") or "")
-                proxy.requests.append((self.command, self.path,
-                                       self.headers.get("Authorization", ""), arn))
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "authorization", "content-length")}
-                request = urllib.request.Request(target + self.path, data=body or None,
-                                                 headers=headers, method=self.command)
-                try:
-                    with urllib.request.urlopen(request, timeout=60) as response:
-                        status, data, rheaders = response.status, response.read(), response.headers
-                except urllib.error.HTTPError as err:
-                    status, data, rheaders = err.code, err.read(), err.headers
-                if status == 200 and self.path.endswith("/model-versions/create"):
-                    created = json.loads(data)
-                    created["model_version"]["status"] = "PENDING_REGISTRATION"
-                    data = json.dumps(created).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", rheaders.get("Content-Type", "application/json"))
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+def sagemaker_proxy(target: str) -> Proxy:
+    """A recording proxy in front of `target` whose new model versions come back
+    PENDING_REGISTRATION, as SageMaker's automatic model registration may leave them, so MLflow
+    polls them as there."""
+    def pending(path: str, status: int, body: bytes) -> bytes:
+        if status != 200 or not path.endswith("/model-versions/create"):
+            return body
+        created = json.loads(body)
+        created["model_version"]["status"] = "PENDING_REGISTRATION"
+        return json.dumps(created).encode()
 
-            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = forward
+    return Proxy(target, rewrite=pending)
 
-            def log_message(self, *args):
-                pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
+def signed(requests) -> list[tuple[str, str, str, str]]:
+    """(method, path, Authorization header, the ARN header the plugin routes by) of each."""
+    found = []
+    for method, path, headers in requests:
+        lower = {k.lower(): v for k, v in headers.items()}
+        found.append((method, path, lower.get("authorization", ""),
+                      next((lower[h] for h in ARN_HEADERS if h in lower), "")))
+    return found
 
 
 def sagemaker_env(proxy_url: str, s3_endpoint: str) -> dict:
@@ -181,12 +139,13 @@ def table_rows(requests) -> list[dict]:
     return found
 
 
+@pytest.mark.slow
 def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, moto_s3,
                                                           s3_mlflow_server):
     endpoint, s3, moto_log = moto_s3
     server_url, prefix = s3_mlflow_server
     moto_offset = moto_log.stat().st_size
-    proxy = RecordingProxy(server_url)
+    proxy = sagemaker_proxy(server_url)
     try:
         env = sagemaker_env(proxy.url, endpoint)
         single = run_cli([*TINY, "tracking=sagemaker", f"tracking.arn={ARN}"], cwd=tmp_path,
@@ -202,7 +161,7 @@ def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, 
 
     # Every request went through the plugin, SigV4-signed for sagemaker-mlflow in the ARN's region.
     assert len(proxy.requests) > 20
-    for method, path, authorization, arn in proxy.requests:
+    for method, path, authorization, arn in signed(proxy.requests):
         assert authorization.startswith("AWS4-HMAC-SHA256 Credential=AKIAABALONETEST/"), path
         assert "/us-east-1/sagemaker-mlflow/aws4_request" in authorization, path
         assert arn == ARN, path
@@ -256,13 +215,14 @@ def test_sagemaker_tracking_run_and_sweep_signed_and_in_s3(tmp_path, data_file, 
         assert all(allows(policy, action, arn) for action, arn in s3_requests), policy
 
 
+@pytest.mark.slow
 def test_mlflow_app_requests_signed_for_sagemaker_and_granted(tmp_path, data_file, moto_s3,
                                                                 s3_mlflow_server):
     """An MLflow App ARN: the plugin signs for service `sagemaker`, and the App policy's one
     action covers every request a run with registration sends."""
     endpoint, *_ = moto_s3
     server_url, _ = s3_mlflow_server
-    proxy = RecordingProxy(server_url)
+    proxy = sagemaker_proxy(server_url)
     try:
         done = run_cli([*TINY, "tracking=sagemaker", f"tracking.arn={APP_ARN}"], cwd=tmp_path,
                        data=data_file, env=sagemaker_env(proxy.url, endpoint))
@@ -271,7 +231,7 @@ def test_mlflow_app_requests_signed_for_sagemaker_and_granted(tmp_path, data_fil
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     app = REST_ACTIONS["mlflow-app"]
     assert app["signing_name"] == "sagemaker"
-    for method, path, authorization, arn in proxy.requests:
+    for method, path, authorization, arn in signed(proxy.requests):
         assert f"/us-east-1/{app['signing_name']}/aws4_request" in authorization, path
         assert arn == APP_ARN, path
     rows = table_rows(proxy.requests)  # the same requests as on a tracking server
@@ -324,6 +284,7 @@ def test_rest_actions_table_matches_mlflows_own_routes():
         assert row["basis"] == "same-name" or row.get("reason"), row
 
 
+@pytest.mark.slow
 def test_output_s3_uri_uploads_the_run_folder(tmp_path, data_file, moto_s3, s3_mlflow_server):
     endpoint, s3, moto_log = moto_s3
     server_url, prefix = s3_mlflow_server
@@ -349,6 +310,7 @@ def test_output_s3_uri_uploads_the_run_folder(tmp_path, data_file, moto_s3, s3_m
     assert any(k.endswith(f"{run_id}/artifacts/config.yaml") for k in keys_in(s3, prefix))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, env, words", [
     (["tracking=sagemaker", "tracking.arn=arn:aws:s3:::not-mlflow"], AWS_ENV,
      "is not a SageMaker MLflow tracking server or MLflow App ARN"),
@@ -389,6 +351,7 @@ def test_arn_partition_agrees_with_its_region_and_the_plugin(arn, words):
             aws.check_arn(arn)
 
 
+@pytest.mark.slow
 def test_unreachable_sagemaker_server_fails_within_seconds(tmp_path, data_file):
     import time
 
@@ -426,16 +389,30 @@ def test_tracking_server_name_resolves_to_its_arn(monkeypatch):
     stubber.assert_no_pending_responses()
 
 
-def test_sagemaker_channel_and_model_dir_are_honoured(tmp_path, data_file, monkeypatch):
-    channel, model_dir = tmp_path / "channel", tmp_path / "model"
+@pytest.mark.slow
+def test_sagemaker_channel_and_model_dir_are_honoured(tmp_path, data_file):
+    # Hermetic: no data.path, no $ABALONE_DATA, an empty cache and a download URL nothing answers,
+    # so only the channel can provide the data.
+    channel, model_dir, home = tmp_path / "channel", tmp_path / "model", tmp_path / "home"
     channel.mkdir()
+    home.mkdir()
     shutil.copy(data_file, channel / "abalone.data")
-    done = run_cli(["trainer.epochs=1", "tracking.enabled=false"], cwd=tmp_path, data=None,
-                   env={"SM_CHANNEL_TRAINING": str(channel), "SM_MODEL_DIR": str(model_dir)})
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    done = run_cli(["trainer.epochs=1", f"tracking.uri={store}", "tracking.register=false",
+                    f"data.cache_dir={tmp_path / 'empty-cache'}",
+                    f"data.url=http://127.0.0.1:{free_port()}/abalone.data"],
+                   cwd=tmp_path, data=None, env={"SM_CHANNEL_TRAINING": str(channel),
+                                                 "SM_MODEL_DIR": str(model_dir),
+                                                 "HOME": str(home)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (model_dir / "model.keras").is_file() and (model_dir / "config.yaml").is_file()
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("abalone-tensorflow-experiment").experiment_id])
+    assert run.data.tags["dataset.path"] == str(channel / "abalone.data")
 
 
+@pytest.mark.slow
 def test_scripts_are_shellcheck_clean():
     scripts = sorted(str(p) for p in [*(REPO / "scripts").glob("*.sh"),
                                       *(REPO / "tests" / "container").glob("*.sh")])

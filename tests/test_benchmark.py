@@ -7,9 +7,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from bench.overhead import OTHER
+
 from conftest import REPO
 from hydra_plugins.abalone_bench.phase_timing_launcher import PARTS
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 
 def numbers(tree, path=""):

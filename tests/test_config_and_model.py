@@ -116,6 +116,7 @@ def test_schedules_change_the_learning_rate():
         assert isinstance(optimizer, keras.optimizers.Optimizer)
 
 
+@pytest.mark.slow
 def test_model_code_runs_under_the_jax_backend(tmp_path):
     """The same builders train under KERAS_BACKEND=jax (a subprocess: the backend is per process)."""
     script = (

@@ -4,68 +4,25 @@ starts it on EC2 and the way SageMaker starts a training job, against services o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from conftest import (CONTAINER_TIMEOUT, REPO, SESSION, load_study, opt_ml_folders, podman,
+                      poll)
 
-CONTAINER_DIR = REPO / "tests" / "container"
-IMAGE = "localhost/abalone-dlc-test:latest"
 MODEL = "abalone-tensorflow-model"
 # What the stand-in pins (tests/container/standin-requirements.txt), seen from inside a container.
 DLC_MLFLOW, DLC_KERAS, DLC_NUMPY = "3.15.1", "3.15.1", "2.4.6"
-RUN_TIMEOUT = 600
-
-
-@pytest.fixture(scope="session")
-def podman_env() -> dict[str, str]:
-    if shutil.which("podman") is None or shutil.which("mmdebstrap") is None:
-        pytest.fail("podman and mmdebstrap are missing: scripts/test.sh installs them")
-    return {**os.environ, "CONTAINERS_CONF": str(CONTAINER_DIR / "containers.conf")}
-
-
-def podman(env: dict, *args: str, timeout: float = RUN_TIMEOUT, check: bool = True):
-    return subprocess.run(["podman", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=check)
-
-
-@pytest.fixture(scope="session")
-def standin_base(podman_env) -> str:
-    """The DLC stand-in, built once per change of its inputs and kept between runs."""
-    digest = hashlib.sha256()
-    for path in sorted(CONTAINER_DIR.iterdir()):
-        digest.update(path.name.encode() + path.read_bytes())
-    tag = f"localhost/abalone-dlc-standin:{digest.hexdigest()[:12]}"
-    if podman(podman_env, "image", "exists", tag, check=False).returncode != 0:
-        subprocess.run([str(CONTAINER_DIR / "build_standin.sh"), tag], env=podman_env,
-                       check=True, timeout=3600)
-    return tag
-
-
-def build_image(env: dict, base: str, tag: str) -> str:
-    """The project's Dockerfile, unchanged, on `base`."""
-    built = podman(env, "build", "--network=host", "--build-arg", f"BASE_IMAGE={base}", "--tag",
-                   tag, str(REPO), timeout=1800, check=False)
-    assert built.returncode == 0, (built.stdout + built.stderr)[-4000:]
-    return tag
-
-
-@pytest.fixture(scope="session")
-def project_image(standin_base, podman_env) -> str:
-    return build_image(podman_env, standin_base, IMAGE)
 
 
 def freeze(env: dict, image: str) -> dict[str, str]:
@@ -79,6 +36,8 @@ def freeze(env: dict, image: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.container
 def test_the_build_keeps_the_images_tensorflow_keras_and_numpy(podman_env, standin_base,
                                                                project_image):
     base, ours = freeze(podman_env, standin_base), freeze(podman_env, project_image)
@@ -95,6 +54,8 @@ def test_the_build_keeps_the_images_tensorflow_keras_and_numpy(podman_env, stand
     assert ours["mlflow"] == base["mlflow"] == f"=={DLC_MLFLOW}"  # met, so left alone
 
 
+@pytest.mark.slow
+@pytest.mark.container
 @pytest.mark.parametrize("requirement, words", [
     ("keras>=99", "the base image's keras 3.15.1 does not meet our requirement 'keras>=99'"),
     ("tensorflow>=3", "the base image's tensorflow-cpu 2.21.0 does not meet our requirement "
@@ -120,19 +81,22 @@ def training_folders(tmp_path: Path, data_file: Path) -> tuple[Path, Path]:
     return data_dir, output_dir
 
 
-def run_training_sh(env: dict, base: str, data_dir: Path, output_dir: Path, *args: str):
-    """scripts/run_training.sh with Podman and the stand-in as the base."""
+def run_training_sh(env: dict, base: str, image: str, data_dir: Path, output_dir: Path,
+                    *args: str):
+    """scripts/run_training.sh with Podman, the stand-in as the base, building `image`."""
     return subprocess.run([str(REPO / "scripts" / "run_training.sh"), *args],
-                          env={**env, "ENGINE": "podman", "BASE_IMAGE": base, "IMAGE": IMAGE,
+                          env={**env, "ENGINE": "podman", "BASE_IMAGE": base, "IMAGE": image,
                                "DATA_DIR": str(data_dir), "OUTPUT_DIR": str(output_dir)},
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+                          capture_output=True, text=True, timeout=CONTAINER_TIMEOUT)
 
 
+@pytest.mark.slow
+@pytest.mark.container
 def test_ec2_start_trains_tracks_and_registers_a_model_the_host_loads(
         tmp_path, data_file, podman_env, standin_base, project_image, mlflow_server, monkeypatch):
     data_dir, output_dir = training_folders(tmp_path, data_file)
-    done = run_training_sh(podman_env, standin_base, data_dir, output_dir, "trainer.epochs=2",
-                           "tracking=server", f"tracking.uri={mlflow_server}")
+    done = run_training_sh(podman_env, standin_base, project_image, data_dir, output_dir,
+                           "trainer.epochs=2", "tracking=server", f"tracking.uri={mlflow_server}")
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]
     assert "logging in" not in out  # a local base: no registry login, no pull
@@ -164,21 +128,20 @@ def test_ec2_start_trains_tracks_and_registers_a_model_the_host_loads(
     assert {p.stat().st_uid for p in output_dir.rglob("*")} == {os.getuid()}
 
 
+@pytest.mark.slow
+@pytest.mark.container
 def test_sweep_in_the_container_resumes_without_extra_trials(tmp_path, data_file, podman_env,
                                                             standin_base, project_image):
     data_dir, output_dir = training_folders(tmp_path, data_file)
     sweep = ["-m", "sweep=quick", "hydra.sweeper.n_trials=2", "trainer.epochs=2"]
-    first = run_training_sh(podman_env, standin_base, data_dir, output_dir, *sweep)
+    first = run_training_sh(podman_env, standin_base, project_image, data_dir, output_dir, *sweep)
     assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
-    second = run_training_sh(podman_env, standin_base, data_dir, output_dir, *sweep)
+    second = run_training_sh(podman_env, standin_base, project_image, data_dir, output_dir, *sweep)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-5000:]
     assert "2 trials in total, 2 finished before" in out
 
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(output_dir / "optuna-studies.journal")))
-    (summary,) = optuna.get_all_study_summaries(storage)
-    assert summary.n_trials == 2
+    assert len(load_study(str(output_dir / "optuna-studies.journal")).trials) == 2
     client = MlflowClient(tracking_uri=f"sqlite:///{output_dir}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name(
         "abalone-tensorflow-experiment").experiment_id])
@@ -188,22 +151,19 @@ def test_sweep_in_the_container_resumes_without_extra_trials(tmp_path, data_file
 
 def sagemaker_folders(tmp_path: Path, data_file: Path, hyperparameters: str) -> Path:
     """/opt/ml as SageMaker lays it out (root-owned when the tests run as root, as in CI)."""
-    opt_ml = tmp_path / "opt_ml"
-    for sub in ("input/data/training", "input/config", "model", "output"):
-        (opt_ml / sub).mkdir(parents=True)
-    shutil.copy(data_file, opt_ml / "input/data/training/abalone.data")
-    (opt_ml / "input/config/hyperparameters.json").write_text(hyperparameters)
-    return opt_ml
+    return opt_ml_folders(tmp_path / "opt_ml", data_file, hyperparameters)
 
 
-def start_as_sagemaker(env: dict, opt_ml: Path, *args: str):
+def start_as_sagemaker(env: dict, image: str, opt_ml: Path, *args: str):
     mounts = []
     for sub, mode in (("input/data/training", ":ro"), ("input/config", ":ro"), ("model", ""),
                       ("output", "")):
         mounts += ["-v", f"{opt_ml / sub}:/opt/ml/{sub}{mode}"]
-    return podman(env, "run", "--rm", "--network=host", *mounts, IMAGE, *args, check=False)
+    return podman(env, "run", "--rm", "--network=host", *mounts, image, *args, check=False)
 
 
+@pytest.mark.slow
+@pytest.mark.container
 def test_sagemaker_start_trains_what_the_hyperparameters_say(tmp_path, data_file, podman_env,
                                                             project_image, mlflow_server):
     # Strings as the SageMaker Python SDK sends them (JSON-encoded) and as boto3 users write them.
@@ -211,7 +171,7 @@ def test_sagemaker_start_trains_what_the_hyperparameters_say(tmp_path, data_file
         "trainer.epochs": "2", "model": '"wide"', "tracking": "server",
         "tracking.uri": mlflow_server, "tracking.register": "false"}))
     assert (opt_ml / "model").stat().st_uid == os.getuid()
-    done = start_as_sagemaker(podman_env, opt_ml, "train")
+    done = start_as_sagemaker(podman_env, project_image, opt_ml, "train")
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     client = MlflowClient(tracking_uri=mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name(
@@ -223,6 +183,8 @@ def test_sagemaker_start_trains_what_the_hyperparameters_say(tmp_path, data_file
     assert not (opt_ml / "output" / "failure").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.container
 @pytest.mark.parametrize("hyperparameters, words", [
     ('{"trainer.epochs": "0", "tracking.enabled": "false"}', "trainer.epochs must be >= 1"),
     ('{"trainer.epochs": 2,\n "model": }', "hyperparameters.json, line 2, column 11: not valid JSON"),
@@ -230,7 +192,7 @@ def test_sagemaker_start_trains_what_the_hyperparameters_say(tmp_path, data_file
 def test_a_failed_sagemaker_start_leaves_its_reason(tmp_path, data_file, podman_env,
                                                     project_image, hyperparameters, words):
     opt_ml = sagemaker_folders(tmp_path, data_file, hyperparameters)
-    done = start_as_sagemaker(podman_env, opt_ml, "train")
+    done = start_as_sagemaker(podman_env, project_image, opt_ml, "train")
     assert done.returncode != 0
     reason = (opt_ml / "output" / "failure").read_text()
     assert words in reason, reason
@@ -263,6 +225,8 @@ def nobodys_folder():
     shutil.rmtree(folder)
 
 
+@pytest.mark.slow
+@pytest.mark.container
 def test_ec2_start_for_a_non_root_caller_runs_as_that_user_with_its_aws_profile(
         nobodys_folder, data_file, podman_env, standin_base, project_image):
     # run_training.sh as a non-root caller of Docker decides the run's user, HOME and mounts; the
@@ -283,7 +247,7 @@ def test_ec2_start_for_a_non_root_caller_runs_as_that_user_with_its_aws_profile(
     (home / ".aws" / "credentials").chmod(0o600)
     printed = subprocess.run(
         ["runuser", "-u", "nobody", "--", "env", f"HOME={home}", "ENGINE=docker", "DRY_RUN=1",
-         f"IMAGE={IMAGE}", f"DATA_DIR={data_dir}", f"OUTPUT_DIR={output_dir}",
+         f"IMAGE={project_image}", f"DATA_DIR={data_dir}", f"OUTPUT_DIR={output_dir}",
          "AWS_PROFILE=abalone", str(REPO / "scripts" / "run_training.sh"), "trainer.epochs=1",
          "tracking.enabled=false"], capture_output=True, text=True, timeout=60,
         env={"PATH": os.environ["PATH"]})
@@ -298,8 +262,8 @@ def test_ec2_start_for_a_non_root_caller_runs_as_that_user_with_its_aws_profile(
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-4000:]
     assert (output_dir / "model.keras").is_file()
     assert {p.stat().st_uid for p in output_dir.rglob("*")} == {caller}
-    image_at = run.index(IMAGE)
-    profile = podman(env, *run[1:image_at], "--entrypoint", "python", IMAGE, "-c",
+    image_at = run.index(project_image)
+    profile = podman(env, *run[1:image_at], "--entrypoint", "python", project_image, "-c",
                      "import boto3; print(boto3.Session().get_credentials().access_key)")
     assert profile.stdout.strip() == "AKIAPROFILETEST"
 
@@ -321,34 +285,42 @@ def test_hyperparameters_become_hydra_overrides(tmp_path):
         hyperparameter_overrides(path)
 
 
+@pytest.mark.slow
+@pytest.mark.container
 def test_stopping_a_sagemaker_sweep_keeps_finished_trials_and_queues_the_running_one(
         tmp_path, data_file, podman_env, project_image):
     # StopTrainingJob sends SIGTERM to the container: the sweep stops as on Ctrl-C.
     opt_ml = sagemaker_folders(tmp_path, data_file, json.dumps({
         "hydra.mode": "MULTIRUN", "sweep": "quick", "hydra.sweeper.n_trials": "4",
         "trainer.epochs": "40", "trainer.patience": "0", "tracking.enabled": "false"}))
-    name = f"abalone-stop-{tmp_path.name}"[:60]
+    name = f"abalone-stop-{SESSION}-{tmp_path.name}"[:60]  # Podman's store is machine-wide
     mounts = []
     for sub in ("input/data/training", "input/config", "model", "output"):
         mounts += ["-v", f"{opt_ml / sub}:/opt/ml/{sub}"]
-    podman(podman_env, "run", "--detach", "--name", name, "--network=host", *mounts, IMAGE, "train")
+    journal = opt_ml / "model" / "optuna-studies.journal"
+
+    def second_trial_running() -> bool:
+        """A trial has finished and a later one is RUNNING, as the journal on the host says."""
+        try:
+            trials = load_study(str(journal)).trials
+        except Exception:  # no study yet, or a line still being written
+            return False
+        return any(t.state.is_finished() for t in trials) and any(
+            t.state.name == "RUNNING" and t.number > min(
+                f.number for f in trials if f.state.is_finished()) for t in trials)
+
+    podman(podman_env, "run", "--detach", "--name", name, "--network=host", *mounts,
+           project_image, "train")
     try:
-        journal = opt_ml / "model" / "optuna-studies.journal"
-        deadline = time.monotonic() + 300
-        while "trial   0" not in (logs := podman(podman_env, "logs", name)).stdout + logs.stderr:
-            assert time.monotonic() < deadline, "the sweep's first trial did not finish"
-            time.sleep(1)
-        time.sleep(3)  # into the second trial's training
+        poll(second_trial_running, "the sweep's second trial did not start", timeout=300,
+             every=0.5)
         podman(podman_env, "stop", "--time", "60", name)
         code = int(podman(podman_env, "wait", name).stdout.strip())
     finally:
         logs = podman(podman_env, "logs", name, check=False)
         podman(podman_env, "rm", "--force", name, check=False)
     assert code == 130, (logs.stdout + logs.stderr)[-4000:]
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    (summary,) = optuna.get_all_study_summaries(storage)
-    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
-    states = [t.state.name for t in trials]
+    states = [t.state.name for t in load_study(str(journal)).trials]
     assert states.count("COMPLETE") + states.count("PRUNED") >= 1, states
     assert "RUNNING" not in states and "WAITING" in states, states  # queued again
     assert "interrupted" in (opt_ml / "output" / "failure").read_text()

@@ -17,6 +17,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 # The runs table's cells (ag-grid): rows carry the run id, the name column its own id.
 NAME_CELL = 'div[role=gridcell][col-id="attributes.`Run Name`"]'
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
 
 @pytest.fixture
 def browser():

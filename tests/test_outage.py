@@ -6,7 +6,6 @@ The outages wait on purpose and are kept to a few seconds: each sweep carries se
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import signal
@@ -14,8 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import optuna
@@ -23,7 +20,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import CLI_TIMEOUT, free_port, start_mlflow_server, sweep_runs
+from conftest import (CLI_TIMEOUT, Proxy, free_port, load_study, poll, scrubbed_environ,
+                      start_mlflow_server, sweep_runs)
+
+pytestmark = pytest.mark.slow
 
 MODEL = "abalone-tensorflow-model"
 EPOCHS = 6
@@ -64,12 +64,11 @@ class Sweep:
     """The CLI in a subprocess, its output read line by line as it comes."""
 
     def __init__(self, args: list[str], cwd: Path, data: Path):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env["ABALONE_DATA"] = str(data)
         self.proc = subprocess.Popen([sys.executable, "-m", "abalone.train", *args], cwd=cwd,
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+                                     env=scrubbed_environ(ABALONE_DATA=str(data)),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
+        self.ended = False
         self.seen = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -78,32 +77,30 @@ class Sweep:
             with self.seen:
                 self.lines.append(line)
                 self.seen.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float = CLI_TIMEOUT) -> None:
         with self.seen:
-            if not self.seen.wait_for(lambda: any(re.search(pattern, line)
-                                                  for line in self.lines)
-                                      or self.proc.poll() is not None, timeout):
+            self.ended = True  # the output is complete
+            self.seen.notify_all()
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = CLI_TIMEOUT) -> None:
+        """Until `count` lines match `pattern` (the process's exit ends the wait too)."""
+        def seen() -> int:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
+        with self.seen:
+            if not self.seen.wait_for(lambda: seen() >= count or self.ended, timeout):
                 raise AssertionError(f"no line matching {pattern!r}:\n{self.output[-4000:]}")
-        assert any(re.search(pattern, line) for line in self.lines), (
-            f"exited before a line matching {pattern!r}:\n{self.output[-4000:]}")
+            assert seen() >= count, (
+                f"exited before line {count} matching {pattern!r}:\n{self.output[-4000:]}")
 
     def finish(self) -> int:
         code = self.proc.wait(timeout=CLI_TIMEOUT)
-        time.sleep(0.2)  # the reader's last lines
+        with self.seen:  # the last lines, up to the end of the output
+            assert self.seen.wait_for(lambda: self.ended, 60), "the output did not end"
         return code
 
     @property
     def output(self) -> str:
         return "".join(self.lines)
-
-
-def load_study(cwd: Path) -> optuna.Study:
-    from abalone.sweep.storage import make_storage
-
-    storage = make_storage(str(cwd / "optuna-studies.journal"))
-    (summary,) = optuna.get_all_study_summaries(storage)
-    return optuna.load_study(study_name=summary.study_name, storage=storage)
 
 
 def assert_trial_runs_whole(client: MlflowClient, study: optuna.Study) -> dict[int, object]:
@@ -129,6 +126,9 @@ def assert_champion(client: MlflowClient, study: optuna.Study) -> None:
     assert champion.run_id == study.best_trial.user_attrs["mlflow_run_id"]
 
 
+DOWN = re.escape("unreachable (")
+
+
 def outage_lines(output: str) -> tuple[list[str], list[str]]:
     lines = output.splitlines()
     return ([line for line in lines if "unreachable (" in line],
@@ -140,21 +140,23 @@ def test_sweep_rides_out_restarts_mid_trial_between_trials_and_at_registration(
         tmp_path, data_file, server):
     sweep = Sweep([*SWEEP, "hydra.sweeper.n_trials=2", f"tracking.uri={server.url}"], tmp_path,
                   data_file)
-    # Mid-trial: training goes on to its last epoch while the server is down.
+    # Mid-trial: training goes on to its last epoch while the server is down. Each outage
+    # lasts until the sweep has reported it, so each is seen whatever the machine's speed.
     sweep.wait_for(rf"epoch +2/{EPOCHS}")
     server.kill()
     sweep.wait_for(rf"epoch +{EPOCHS}/{EPOCHS}")
+    sweep.wait_for(DOWN)
     server.start()
     restarted_ms = int(time.time() * 1000)
     # Between trials: the result's report on the parent run and the next run's start wait.
     sweep.wait_for(r"trial +0 +COMPLETE")
     server.kill()
-    time.sleep(1)
+    sweep.wait_for(DOWN, count=2)
     server.start()
     # The champion's registration.
     sweep.wait_for(r"study '.*': 2 COMPLETE")
     server.kill()
-    time.sleep(1)
+    sweep.wait_for(DOWN, count=3)
     server.start()
     assert sweep.finish() == 0, sweep.output[-6000:]
     out = sweep.output
@@ -163,7 +165,7 @@ def test_sweep_rides_out_restarts_mid_trial_between_trials_and_at_registration(
     assert len(down) == 3 and len(back) == 3, out[-6000:]
     assert server.url in down[0] and "Connection" in down[0]
 
-    study = load_study(tmp_path)
+    study = load_study(str(tmp_path / "optuna-studies.journal"))
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     client = MlflowClient(tracking_uri=server.url)
     runs = assert_trial_runs_whole(client, study)
@@ -197,47 +199,6 @@ for _ in sys.stdin:  # the test sets the proxy's answer, then asks for one reque
 """
 
 
-class ThrottlingProxy(ThreadingHTTPServer):
-    """Forwards to the MLflow server, or answers every request with `status` while it is set."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream_port, self.status = upstream_port, None
-        self.answered: Counter = Counter()
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _ProxyHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-    def _handle(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        status = self.server.status
-        if status is not None:
-            self.server.answered[status] += 1
-            self.send_response(status)
-            self.send_header("Retry-After", "1")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-        upstream.request(self.command, self.path, body=body, headers=headers)
-        response = upstream.getresponse()
-        content = response.read()
-        self.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(content)))
-        self.end_headers()
-        self.wfile.write(content)
-        upstream.close()
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
-
-
 def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttling(
         tmp_path, data_file, server):
     # Named: the rerun reaches the server through a proxy, another tracking.uri.
@@ -253,26 +214,26 @@ def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttl
                      r"\d+s, longer than tracking.outage_grace=3s", out), out[-6000:]
     assert len(outage_lines(out)[0]) == 1
     # The sweep stopped instead of failing trial after trial.
-    assert [t.state for t in load_study(tmp_path).trials] == [TrialState.FAIL]
+    journal = str(tmp_path / "optuna-studies.journal")
+    assert [t.state for t in load_study(journal).trials] == [TrialState.FAIL]
 
     server.start()
-    proxy = ThrottlingProxy(server.port)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    proxy = Proxy(server.url)
     try:
         # The same sweep again (the default grace), through a proxy that throttles a while.
         sweep = Sweep([*args, f"tracking.uri={proxy.url}"], tmp_path, data_file)
         sweep.wait_for(rf"epoch +2/{EPOCHS}")
+        # Each answer holds until a request got it: one outage, 503 then 429.
         proxy.status = 503
-        time.sleep(1.5)
+        poll(lambda: proxy.answered[503] >= 1, "no request got the 503")
         proxy.status = 429
-        time.sleep(1.5)
+        poll(lambda: proxy.answered[429] >= 1, "no request got the 429")
         proxy.status = None
         assert sweep.finish() == 0, sweep.output[-6000:]
-        assert proxy.answered[503] >= 1 and proxy.answered[429] >= 1, proxy.answered
         down, back = outage_lines(sweep.output)
         assert len(down) == 1 and "HTTP 503" in down[0] and len(back) == 1, sweep.output[-6000:]
 
-        study = load_study(tmp_path)
+        study = load_study(journal)
         assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
         client = MlflowClient(tracking_uri=server.url)
         runs = assert_trial_runs_whole(client, study)
@@ -286,8 +247,7 @@ def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttl
         # connect() sets its process's MLflow tracking URI, which would outlive this test.
         check = subprocess.Popen(
             [sys.executable, "-c", PERMANENT_ERRORS_CHECK, proxy.url, runs[1].info.run_id],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=scrubbed_environ())
         assert check.stdout.readline().strip() == "connected"
         for status in (403, 404, 400, 500):
             proxy.status = status
@@ -298,4 +258,4 @@ def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttl
         check.stdin.close()
         assert check.wait(timeout=60) == 0
     finally:
-        proxy.shutdown()
+        proxy.close()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +20,15 @@ import pytest
 from botocore.stub import ANY, Stubber
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, free_port, run_cli, stop, wait_for_http
+from conftest import REPO, moto_server, opt_ml_folders, run_cli, scrubbed_environ
 from test_aws import allows
-from test_container import build_image, podman, podman_env, standin_base  # noqa: F401 (fixtures)
 
 from abalone import aws
 from abalone.config import ConfigError
-from abalone.workers import SageMakerWorkers
 from abalone.sweep.storage import make_storage
+from abalone.workers import SageMakerWorkers
 
+# The image URI of requests nothing runs (the test that runs its jobs uses the session's image).
 IMAGE = "localhost/abalone-dlc-fleet-test:latest"
 ACCOUNT = "123456789012"  # moto's
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/abalone-sagemaker-worker"
@@ -52,17 +50,12 @@ SETTINGS = dict(count=2, image_uri=IMAGE, role_arn=ROLE, output_s3_uri="s3://aba
 def moto_aws(tmp_path, monkeypatch):
     """moto's server on 127.0.0.1 recording every request it serves, as this process's AWS."""
     recording = tmp_path / "moto-recording.jsonl"
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            env={"PATH": "/usr/bin:/bin", "MOTO_ENABLE_RECORDING": "true",
-                                 "MOTO_RECORDER_FILEPATH": str(recording)})
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/moto-api/", proc)
-    for key, value in {**AWS_ENV, "AWS_ENDPOINT_URL": url}.items():
-        monkeypatch.setenv(key, value)
-    yield url, recording
-    stop(proc)
+    with moto_server(tmp_path / "moto.log", env={
+            "PATH": "/usr/bin:/bin", "MOTO_ENABLE_RECORDING": "true",
+            "MOTO_RECORDER_FILEPATH": str(recording)}) as url:
+        for key, value in {**AWS_ENV, "AWS_ENDPOINT_URL": url}.items():
+            monkeypatch.setenv(key, value)
+        yield url, recording
 
 
 def recorded(recording: Path, operation: str) -> list[dict]:
@@ -104,15 +97,10 @@ def fleet_database(postgres_url):
     return url
 
 
-def opt_ml_folders(root: Path, data_file: Path) -> Path:
-    """/opt/ml as SageMaker lays it out for one host of a job with ContainerArguments only."""
-    for sub in ("input/data/training", "input/config", "model", "output"):
-        (root / sub).mkdir(parents=True)
-    shutil.copy(data_file, root / "input/data/training/abalone.data")  # the `training` channel
-    (root / "input/config/hyperparameters.json").write_text("{}")
-    (root / "input/config/resourceconfig.json").write_text(json.dumps(
-        {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}))
-    return root
+def host_folders(root: Path, data_file: Path) -> Path:
+    """/opt/ml for one host of a job with ContainerArguments only (no hyperparameters)."""
+    return opt_ml_folders(root, data_file, "{}", {"current_host": "algo-1", "hosts": ["algo-1"],
+                                                  "network_interface_name": "eth0"})
 
 
 def start_like_sagemaker(env: dict, request: dict, opt_ml: Path, moto_url: str):
@@ -129,10 +117,12 @@ def start_like_sagemaker(env: dict, request: dict, opt_ml: Path, moto_url: str):
         env={**env, **variables}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
+@pytest.mark.container
+@pytest.mark.postgres
 def test_recorded_jobs_hold_every_field_no_secret_and_finish_the_study(
-        tmp_path, data_file, moto_aws, fleet_database, mlflow_server, podman_env, standin_base):
+        tmp_path, data_file, moto_aws, fleet_database, mlflow_server, podman_env, project_image):
     moto_url, recording = moto_aws
-    build_image(podman_env, standin_base, IMAGE)
     secret_arn = boto3.client("secretsmanager").create_secret(
         Name="abalone-optuna-db",
         SecretString=json.dumps({"username": "abalone_fleet", "password": DB_PASSWORD}))["ARN"]
@@ -149,7 +139,7 @@ def test_recorded_jobs_hold_every_field_no_secret_and_finish_the_study(
             f"hydra.sweeper.storage={fleet_database}",
             f"hydra.sweeper.storage_password_secret={secret_arn}"]
     env = {"ABALONE_SWEEP_PARENT_RUN_ID": parent, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
-    workers = SageMakerWorkers(**SETTINGS)
+    workers = SageMakerWorkers(**{**SETTINGS, "image_uri": project_image})
     workers.start(argv, env)
 
     requests = recorded(recording, "CreateTrainingJob")
@@ -162,7 +152,8 @@ def test_recorded_jobs_hold_every_field_no_secret_and_finish_the_study(
         assert request == {
             "TrainingJobName": f"abalone-fleet-test-{stamp}-{rank}",
             "RoleArn": ROLE,
-            "AlgorithmSpecification": {"TrainingImage": IMAGE, "TrainingInputMode": "File",
+            "AlgorithmSpecification": {"TrainingImage": project_image,
+                                       "TrainingInputMode": "File",
                                        "ContainerArguments": ["train", *argv]},
             "Environment": {"TF_CPP_MIN_LOG_LEVEL": "2", **env,
                             "ABALONE_SWEEP_WORKER_RANK": str(rank)},
@@ -191,7 +182,7 @@ def test_recorded_jobs_hold_every_field_no_secret_and_finish_the_study(
     assert workers.poll() == {name: "finished" for name in names}  # moto's jobs end at once
 
     # The recorded jobs, started as SageMaker starts them, share the study until it is done.
-    started = [start_like_sagemaker(podman_env, request, opt_ml_folders(
+    started = [start_like_sagemaker(podman_env, request, host_folders(
         tmp_path / f"host-{rank}", data_file), moto_url)
         for rank, request in enumerate(requests, start=1)]
     logs = [proc.communicate(timeout=900)[0] for proc in started]
@@ -343,6 +334,7 @@ def test_the_config_file_composes_on_its_schema_and_instantiates():
         3, ["subnet-a", "subnet-b"], ["sg-a"], "ml.m5.large")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage, secret, words", [
     ("optuna-studies.journal", "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-AbCdEf",
      "hydra.sweeper.storage_password_secret is for a database storage"),
@@ -357,6 +349,7 @@ def test_a_bad_password_secret_fails_before_any_trial(tmp_path, data_file, stora
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_push_image_dry_run_prints_the_build_login_tag_and_push():
     done = subprocess.run([str(REPO / "scripts/push_image.sh")], capture_output=True, text=True,
                           timeout=60, env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1",
@@ -376,6 +369,8 @@ def test_push_image_dry_run_prints_the_build_login_tag_and_push():
                for line in lines)
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
 def test_the_command_starts_jobs_whose_arguments_join_the_study_and_a_rerun_registers(
         tmp_path, data_file, moto_aws, fleet_database, mlflow_server):
     """The coordinator end to end against moto: `-m ... workers=sagemaker` opens the study and the
@@ -411,10 +406,9 @@ def test_the_command_starts_jobs_whose_arguments_join_the_study_and_a_rerun_regi
         assert request["Environment"]["ABALONE_SWEEP_PARENT_RUN_ID"] == parent.info.run_id
         assert request["Environment"]["ABALONE_SWEEP_WORKER_RANK"] == str(rank)
         # What abalone.container runs for `train <arguments>`, minus the /opt/ml folders.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "abalone.train", *arguments[1:]], cwd=tmp_path,
-            env={**env, **request["Environment"], "ABALONE_DATA": str(data_file)},
+            env=scrubbed_environ(**request["Environment"], ABALONE_DATA=str(data_file)),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for worker in workers:
         output = worker.communicate(timeout=600)[0]

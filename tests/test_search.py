@@ -38,6 +38,7 @@ def local_client(tmp_path) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@pytest.mark.slow
 def test_multi_objective_sweep_crowns_the_best_feasible_pareto_trial(tmp_path, data_file):
     # 128-64 hidden units has ~9,700 parameters: over the bound, so infeasible whatever its RMSE.
     out = sweep(tmp_path, data_file, "hydra.sweeper.study_name=mo",
@@ -101,6 +102,7 @@ def test_multi_objective_sweep_crowns_the_best_feasible_pareto_trial(tmp_path, d
     assert version.tags["objective_metric"] == "val_rmse, params_count"
 
 
+@pytest.mark.slow
 def test_starting_points_stop_rule_and_warm_start(tmp_path, data_file):
     space = ["optimizer.lr=tag(log, interval(0.00001, 0.03))", "model.depth=range(1,3)"]
     first = [*space, "hydra.sweeper.study_name=first", "hydra.sweeper.sampler.name=qmc",
@@ -142,6 +144,7 @@ def test_starting_points_stop_rule_and_warm_start(tmp_path, data_file):
     assert own.user_attrs["mlflow_run_id"] in {v.run_id for v in versions}
 
 
+@pytest.mark.slow
 def test_conditional_space_samples_what_the_drawn_optimizer_needs(tmp_path, data_file):
     sweep(tmp_path, data_file, "hydra.sweeper.study_name=cond", "hydra.sweeper.n_trials=2",
           "hydra.sweeper.sampler.name=tpe", "optimizer=choice(sgd, adamw)",
@@ -160,6 +163,7 @@ def test_conditional_space_samples_what_the_drawn_optimizer_needs(tmp_path, data
         assert run.data.tags["optuna.sampled_keys"] == f"optimizer, {key}"
 
 
+@pytest.mark.slow
 def test_search_setting_errors_fail_before_any_trial(tmp_path, data_file):
     cases = [
         (["model=choice(wide, deep)", "hydra.sweeper.sampler.name=cmaes",
@@ -182,6 +186,7 @@ def test_search_setting_errors_fail_before_any_trial(tmp_path, data_file):
     assert not (tmp_path / "optuna-studies.journal").exists()
 
 
+@pytest.mark.slow
 def test_gp_sampler_and_terminator_run_a_sweep(tmp_path, data_file):
     # Two random trials, then the Gaussian process proposes; the terminator is asked after each
     # trial from the third on and either lets the study run to n_trials or stops it, saying so.
@@ -280,3 +285,31 @@ def test_size_sweep_file_composes():
     assert list(sweeper.constraints) == ["params_count <= 40000"]
     space, fixed, _ = search_space(dict(sweeper.params), [])
     assert len(space) == len(sweeper.params) and not fixed
+
+
+def toy_study(xs: list[float]) -> optuna.Study:
+    """A finished study of f(x) = (x - 0.3)², one trial per x, in this order."""
+    study = optuna.create_study(direction="minimize")
+    distributions = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for x in xs:
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=distributions,
+                                                  value=(x - 0.3) ** 2))
+    return study
+
+
+def test_the_terminator_stops_a_study_that_has_found_its_optimum_and_no_other():
+    # Optuna's terminator (MedianErrorEvaluator's defaults) sets its noise level from trials
+    # 10-29: 1% of the median regret bound of those prefixes. Here they crowd one corner, far
+    # from the optimum, so the bound is large; 80 more trials across the whole range then pin
+    # the optimum down (bound ~1e-4 against a level ~2e-3 when measured), while 10 more in the
+    # corner leave it uncertain (bound ~0.1).
+    from abalone.sweep.objectives import stagnation
+
+    corner = [0.8 + 0.2 * i / 29 for i in range(30)]
+    found = toy_study(corner + [i / 79 for i in range(80)])
+    assert stagnation(found, "terminator", 3, 0, ["minimize"]) == (
+        "Optuna's terminator: the regret bound fell below the noise level after 110 trials "
+        "(stop.rule=terminator)")
+    assert stagnation(toy_study(corner + corner[:10]), "terminator", 3, 0, ["minimize"]) is None
+    # Fewer than stop.patience trials since an earlier stop (trials 108, 109): not asked yet.
+    assert stagnation(found, "terminator", 3, 108, ["minimize"]) is None

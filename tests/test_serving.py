@@ -154,6 +154,7 @@ def file_rows(data_file, n: int) -> pd.DataFrame:
                        ).drop(columns="Rings")
 
 
+@pytest.mark.slow
 def test_served_predictions_equal_the_loaded_model_exactly(served, data_file):
     url, local = served
     rows = file_rows(data_file, 50)
@@ -165,6 +166,7 @@ def test_served_predictions_equal_the_loaded_model_exactly(served, data_file):
     np.testing.assert_array_equal(served_predictions, local_predictions)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad, words", [
     *BAD_VALUES,
     # MLflow's schema check refuses these before the model sees the rows.
@@ -182,6 +184,7 @@ def test_served_bad_rows_get_400_naming_them(served, bad, words):
     assert "stack_trace" not in error and "Traceback" not in body
 
 
+@pytest.mark.slow
 def test_server_answers_good_rows_after_bad_ones(served, data_file):
     url, _ = served
     assert post(url, split_json(rows_with(Sex="X")))[0] == 400

@@ -16,20 +16,12 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from abalone.sweep.slots import retried_number
-
-from conftest import CLI_TIMEOUT, REPO, run_cli, sweep_runs
+from conftest import CLI_TIMEOUT, REPO, load_study, run_cli, scrubbed_environ, sweep_runs
 
 EXPERIMENT = "abalone-tensorflow-experiment"
 MODEL = "abalone-tensorflow-model"
 # A study small enough for CI: three-epoch trials, no per-epoch lines.
 SMALL = ["trainer.epochs=3", "trainer.patience=0", "trainer.verbose=0"]
-
-
-def load_study(storage: str) -> optuna.Study:
-    from abalone.sweep.storage import make_storage
-
-    (summary,) = optuna.get_all_study_summaries(make_storage(storage))
-    return optuna.load_study(study_name=summary.study_name, storage=make_storage(storage))
 
 
 def assert_total_honoured(study: optuna.Study, n_trials: int) -> None:
@@ -44,6 +36,7 @@ def assert_total_honoured(study: optuna.Study, n_trials: int) -> None:
                for t in holders)
 
 
+@pytest.mark.slow
 def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
     done = run_cli(["-m", "sweep=quick", *SMALL, "hydra.sweeper.n_trials=3",
                     "tracking=server", f"tracking.uri={mlflow_server}"], cwd=tmp_path,
@@ -123,6 +116,7 @@ def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
     assert "as champion: there was no champion" in out
 
 
+@pytest.mark.slow
 def test_objective_is_the_metric_of_the_weights_early_stopping_keeps(tmp_path, data_file):
     # Early stopping restores the epoch of the lowest val_loss; a sweep on val_mae must rank
     # trials by val_mae at that epoch, which need not be the lowest val_mae of the run.
@@ -151,6 +145,7 @@ def grid_args(tmp_path: Path, *extra: str) -> list[str]:
     return ["-m", *SMALL, f"hydra.sweeper.storage={tmp_path / 'study.journal'}", *extra]
 
 
+@pytest.mark.slow
 def test_plain_grid_is_one_parent_and_pruning_prunes(tmp_path, data_file):
     # A hopeless learning rate next to a good one: with the median pruner watching from the
     # first epoch, the hopeless trials that follow a finished good one must be pruned.
@@ -195,6 +190,7 @@ def assert_stopped_run_artifacts(client: MlflowClient, run_id: str) -> None:
     assert plots == {"plots/learning_curves.png"}
 
 
+@pytest.mark.slow
 def test_trials_log_their_model_only_when_best_so_far(tmp_path, data_file):
     # Two hopeless learning rates among two good ones, in the grid sampler's shuffled order.
     done = run_cli(grid_args(tmp_path, "optimizer.lr=0.000001,0.02", "trainer.seed=1,2"),
@@ -275,6 +271,7 @@ def test_the_best_trial_always_passed_the_model_check(direction):
     assert model_check(study, every_model=True)(-1e9 if direction == "maximize" else 1e9)
 
 
+@pytest.mark.slow
 def test_failing_trial_does_not_stop_the_sweep(tmp_path, data_file):
     done = run_cli(grid_args(tmp_path, "optimizer=sgd", "optimizer.momentum=0.9",
                              "optimizer.lr=0.01,1e12"), cwd=tmp_path, data=data_file)
@@ -295,6 +292,7 @@ def test_failing_trial_does_not_stop_the_sweep(tmp_path, data_file):
     assert "FAIL" in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_failure_budget_stops_the_sweep(tmp_path, data_file):
     done = run_cli(grid_args(tmp_path, "optimizer=sgd", "optimizer.lr=1e12,1e13",
                              "hydra.sweeper.max_failures=2"), cwd=tmp_path, data=data_file)
@@ -307,9 +305,8 @@ def test_failure_budget_stops_the_sweep(tmp_path, data_file):
 
 
 def start_sweep(args: list[str], cwd: Path, data_file: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["ABALONE_DATA"] = str(data_file)
-    return subprocess.Popen([sys.executable, "-m", "abalone.train", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "abalone.train", *args], cwd=cwd,
+                            env=scrubbed_environ(ABALONE_DATA=str(data_file)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -333,6 +330,7 @@ def wait_for_trials(storage: str, proc: subprocess.Popen, finished: int) -> int:
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_to_the_total(tmp_path, data_file, how):
     args = grid_args(tmp_path, "optimizer.lr=0.01,0.02", "trainer.seed=1,2",
                      "trainer.epochs=20")
@@ -341,18 +339,23 @@ def test_interrupted_sweep_resumes_to_the_total(tmp_path, data_file, how):
     interrupted = wait_for_trials(storage, proc, finished=1)
     os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0
     study = load_study(storage)
     first = study.trials[interrupted]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,), _ = sweep_runs(client)
     if how == "ctrl-c":
+        # As the README says: exit 130, the running trial's run and the parent run KILLED.
+        assert proc.returncode == 130, output[-4000:]
         assert "interrupted" in output
         assert first.state == TrialState.FAIL  # ended by the process itself
         run = client.get_run(first.user_attrs["mlflow_run_id"])
         assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
         assert run.data.tags["mlflow.note.content"].startswith("Interrupted (Ctrl-C) after ")
+        assert parent.info.status == "KILLED"
     else:
+        assert proc.returncode == -signal.SIGKILL
         assert first.state == TrialState.RUNNING  # nobody was left to end it
+        assert parent.info.status == "RUNNING"
     finished_before = {t.number: t.value for t in study.trials if t.state.is_finished()
                        and t.state != TrialState.FAIL}
 
@@ -378,6 +381,29 @@ def test_interrupted_sweep_resumes_to_the_total(tmp_path, data_file, how):
     assert len(load_study(storage).trials) == len(study.trials)
 
 
+@pytest.mark.slow
+def test_a_rerun_whose_only_unfinished_trial_was_left_running_retries_it(tmp_path, data_file):
+    # The last trial of a two-point grid left RUNNING by a killed process holds the study's
+    # last slot: the rerun must fail it and run its retry, not find the study done.
+    args = grid_args(tmp_path, "optimizer.lr=0.01,0.02", "trainer.epochs=20")
+    storage = str(tmp_path / "study.journal")
+    proc = start_sweep(args, tmp_path, data_file)
+    last = wait_for_trials(storage, proc, finished=1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert [t.state for t in load_study(storage).trials if not t.state.is_finished()] == [
+        TrialState.RUNNING]
+
+    done = run_cli(args, cwd=tmp_path, data=data_file)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    study = load_study(storage)
+    assert_total_honoured(study, 2)
+    assert study.trials[last].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if retried_number(t) == last]
+    assert retry.state == TrialState.COMPLETE and retry.params == study.trials[last].params
+
+
+@pytest.mark.slow
 def test_champion_alias_only_for_a_better_test_rmse(tmp_path, data_file):
     good = run_cli(grid_args(tmp_path, "optimizer.lr=0.02,0.01", "trainer.epochs=8"),
                    cwd=tmp_path, data=data_file)
@@ -395,6 +421,7 @@ def test_champion_alias_only_for_a_better_test_rmse(tmp_path, data_file):
     assert float(versions[2].tags["test_rmse"]) > float(versions[1].tags["test_rmse"])
 
 
+@pytest.mark.slow
 def test_sweep_setting_errors_fail_before_any_trial(tmp_path, data_file):
     cases = [
         (["-m", "sweep=quick", "hydra.sweeper.metric=test_rmse"], "must be a validation metric"),
@@ -434,7 +461,9 @@ def trial_pids(study: optuna.Study) -> set[int]:
     return {t.user_attrs["pid"] for t in study.trials if "pid" in t.user_attrs}
 
 
-@pytest.mark.parametrize("storage_kind", ["journal file", "postgresql"])
+@pytest.mark.parametrize("storage_kind", [
+    "journal file", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.mark.slow
 def test_two_processes_share_one_study(tmp_path, data_file, mlflow_server, storage_kind,
                                        request):
     storage = (str(tmp_path / "shared.journal") if storage_kind == "journal file"
@@ -446,7 +475,11 @@ def test_two_processes_share_one_study(tmp_path, data_file, mlflow_server, stora
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     study = load_study(storage)
     assert_total_honoured(study, 5)
-    assert len(trial_pids(study)) == 2  # both processes ran trials
+    # Every trial ran in one of the two (which one gets how many is the scheduler's choice: a
+    # process may even find the study finished), and both worked on this one study.
+    assert 1 <= len(trial_pids(study)) and trial_pids(study) <= {p.pid for p in procs}
+    for output in outputs:
+        assert f"study '{study.study_name}'" in output, output[-3000:]
 
     client = MlflowClient(tracking_uri=mlflow_server)
     (parent,), runs = sweep_runs(client)  # one parent: the processes agreed on it
@@ -457,13 +490,18 @@ def test_two_processes_share_one_study(tmp_path, data_file, mlflow_server, stora
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
 
 
+@pytest.mark.slow
 def test_n_jobs_runs_trials_in_parallel_processes(tmp_path, data_file):
-    done = run_cli(["-m", "sweep=quick", *SMALL, "hydra.sweeper.n_trials=4",
-                    "hydra.sweeper.n_jobs=2"], cwd=tmp_path, data=data_file)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    proc = start_sweep(["-m", "sweep=quick", *SMALL, "hydra.sweeper.n_trials=4",
+                        "hydra.sweeper.n_jobs=2"], tmp_path, data_file)
+    output = proc.communicate(timeout=CLI_TIMEOUT)[0]
+    assert proc.returncode == 0, output[-4000:]
     study = load_study(str(tmp_path / "optuna-studies.journal"))
     assert_total_honoured(study, 4)
-    assert len(trial_pids(study)) == 2
+    # The command and the one process it started (its failure would fail the command): how the
+    # trials fall between the two is the scheduler's choice (the command starts on trials
+    # while the other process imports).
+    assert 1 <= len(trial_pids(study)) <= 2
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (parent,), runs = sweep_runs(client)
     assert parent.info.status == "FINISHED" and len(runs) == 4

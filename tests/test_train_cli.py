@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import threading
 import time
 
 import mlflow
@@ -10,7 +14,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, free_port, run_cli
+from conftest import TINY, free_port, run_cli, scrubbed_environ
 
 EPOCH_METRICS = ("loss", "val_loss", "mae", "val_mae", "rmse", "val_rmse", "learning_rate",
                  "epoch_duration")
@@ -72,6 +76,7 @@ def assert_complete_run(tracking_uri: str, data_file, params: dict[str, str], mo
     return run_id
 
 
+@pytest.mark.slow
 def test_run_is_tracked_in_local_sqlite(tmp_path, data_file, monkeypatch):
     done = run_cli([*TINY, "model=wide", "optimizer.lr=0.01"], cwd=tmp_path, data=data_file)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -103,6 +108,7 @@ def test_run_is_tracked_in_local_sqlite(tmp_path, data_file, monkeypatch):
     assert not np.allclose(mean, all_mean, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_default_run_is_tracked_on_an_mlflow_server(tmp_path, data_file, mlflow_server,
                                                     monkeypatch):
     done = run_cli([*TINY, "tracking=server", f"tracking.uri={mlflow_server}"], cwd=tmp_path,
@@ -117,6 +123,7 @@ def test_default_run_is_tracked_on_an_mlflow_server(tmp_path, data_file, mlflow_
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["trainer.epoch=3"], "trainer.epoch"),
     (["optimizer.lr=fast"], "optimizer.lr"),
@@ -135,6 +142,7 @@ def test_bad_config_fails_fast_and_tracks_nothing(tmp_path, data_file, args, wor
         assert runs_of(MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")) == []
 
 
+@pytest.mark.slow
 def test_bad_data_fails_naming_line_and_column_and_tracks_nothing(tmp_path, data_file):
     lines = data_file.read_text().splitlines()
     lines[99] = lines[99].replace(lines[99].split(",")[2], "wide", 1)
@@ -146,6 +154,7 @@ def test_bad_data_fails_naming_line_and_column_and_tracks_nothing(tmp_path, data
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_server_fails_within_seconds(tmp_path, data_file):
     port = free_port()  # nothing listens there
     start = time.monotonic()
@@ -158,6 +167,42 @@ def test_unreachable_server_fails_within_seconds(tmp_path, data_file):
     assert elapsed < 45, f"took {elapsed:.0f}s"
 
 
+@pytest.mark.slow
+def test_a_silent_server_fails_after_the_connect_timeout_naming_tracking_uri(tmp_path, data_file):
+    # A listener that accepts connections and never answers: unlike a closed port, only the
+    # connect timeout can end the first request.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[tuple[socket.socket, float]] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed by the test
+                return
+            accepted.append((connection, time.monotonic()))
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        done = run_cli(["tracking=server", f"tracking.uri=http://127.0.0.1:{port}",
+                        "tracking.connect_timeout=3"], cwd=tmp_path, data=data_file, timeout=120)
+        ended = time.monotonic()
+    finally:
+        listener.close()
+        for connection, _ in accepted:
+            connection.close()
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"cannot use the MLflow tracking server at http://127.0.0.1:{port} (config key " \
+           "tracking.uri)" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    # From the first connection to the exit: the timeout, not MLflow's minutes of retries.
+    assert accepted, "the CLI never connected"
+    waited = ended - accepted[0][1]
+    assert 3 <= waited < 3 + 12, f"failed {waited:.1f}s after connecting"
+
+
+@pytest.mark.slow
 def test_run_that_fails_after_starting_ends_failed_and_registers_nothing(tmp_path, data_file,
                                                                         monkeypatch):
     done = run_cli(["optimizer=sgd", "optimizer.lr=1e12", "optimizer.momentum=0.99",
@@ -165,12 +210,21 @@ def test_run_that_fails_after_starting_ends_failed_and_registers_nothing(tmp_pat
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "training loss became NaN or infinite" in done.stderr
     store = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     (run,) = runs_of(client)
     assert run.info.status == "FAILED"
     assert client.search_registered_models() == []
+    # What the failed run keeps: its config, its learning curves so far, and the error.
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "plots"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/learning_curves.png"}
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("Failed after ") and "TrainingDiverged: training loss became NaN or " \
+        "infinite; lower optimizer.lr or change the model" in note, note
 
 
+@pytest.mark.slow
 def test_console_script_and_help_are_instant(tmp_path):
     """`abalone-train` is the same entry point; --help lists the groups without heavy imports."""
     import subprocess
@@ -187,38 +241,45 @@ def test_console_script_and_help_are_instant(tmp_path):
     assert time.monotonic() - start < 10
 
 
-def test_only_the_sagemaker_plugins_header_warning_is_quiet(monkeypatch):
+HEADER_WARNING_CHECK = """
+import logging
+
+import mlflow
+from mlflow.tracking.request_header import registry
+from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
+
+import abalone.tracking  # noqa: F401 - installs the filter
+
+
+class Broken(RequestHeaderProvider):
+    def in_context(self):
+        return True
+
+    def request_headers(self):
+        raise RuntimeError("another provider's error")
+
+
+providers = registry._request_header_provider_registry
+assert any(type(p).__module__.startswith("sagemaker_mlflow.") for p in providers)
+providers._registry.append(Broken())
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger("mlflow.tracking.request_header.registry").addHandler(handler)
+mlflow.set_tracking_uri("http://127.0.0.1:5000")
+registry.resolve_request_headers()
+for record in records:
+    print(record.getMessage())
+"""
+
+
+@pytest.mark.slow
+def test_only_the_sagemaker_plugins_header_warning_is_quiet(tmp_path):
     """The sagemaker-mlflow plugin's header provider fails on every request to a non-ARN URI;
-    that warning is dropped, another provider's still shows."""
-    import logging
-
-    from mlflow.tracking.request_header import registry
-    from mlflow.tracking.request_header.abstract_request_header_provider import (
-        RequestHeaderProvider)
-
-    import abalone.tracking  # noqa: F401 - installs the filter
-
-    class Broken(RequestHeaderProvider):
-        def in_context(self):
-            return True
-
-        def request_headers(self):
-            raise RuntimeError("another provider's error")
-
-    providers = registry._request_header_provider_registry
-    assert any(type(p).__module__.startswith("sagemaker_mlflow.") for p in providers)
-    monkeypatch.setattr(providers, "_registry", [*providers._registry, Broken()])
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("mlflow.tracking.request_header.registry")
-    logger.addHandler(handler)
-    previous_uri = mlflow.get_tracking_uri()
-    try:
-        mlflow.set_tracking_uri("http://127.0.0.1:5000")
-        registry.resolve_request_headers()
-    finally:
-        logger.removeHandler(handler)
-        mlflow.set_tracking_uri(previous_uri)
-    assert [r.getMessage() for r in records] == [
+    that warning is dropped, another provider's still shows. In a process of its own:
+    mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI for the rest of its process."""
+    done = subprocess.run([sys.executable, "-c", HEADER_WARNING_CHECK], cwd=tmp_path,
+                          env=scrubbed_environ(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
         "Encountered unexpected error during resolving request headers: another provider's error"]

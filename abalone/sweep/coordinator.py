@@ -58,6 +58,9 @@ def worker_argv(argv: list[str], study_name: str, storage: str,
 
 def start_workers(sweep) -> None:
     workers = sweep.workers
+    # A trial a dead process left RUNNING holds its slot until it is failed and queued again:
+    # fail it first, or a rerun whose only unfinished trial is one starts no workers.
+    slots.fail_stale_trials(sweep.study, sweep.settings.stale_after, sweep.end_stale_run)
     if not workers.count or not slots.work_left(sweep.study, sweep.plan.n_trials):
         return  # a finished study needs no workers (each SageMaker job bills its start-up)
     if not workers.remote:  # before TensorFlow loads here; the processes inherit it
