@@ -13,9 +13,8 @@ import json
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from abalone.config import AbaloneError, ConfigError
+from abalone.config import AbaloneError
 
 ARN = re.compile(r"^arn:(?P<partition>aws[a-z-]*):sagemaker:(?P<region>[a-z0-9-]+):\d{12}:"
                  r"(mlflow-tracking-server|mlflow-app)/[A-Za-z0-9][A-Za-z0-9-]*$")

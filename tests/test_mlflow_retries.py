@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
 from packaging.requirements import Requirement
 
 from abalone.tracking import mlflow_retries
@@ -43,6 +44,7 @@ print(rest_utils._get_http_response_with_retries == OUTAGE.request, OUTAGE.send 
 """
 
 
+@pytest.mark.slow
 def test_requests_go_through_our_sender_once_connected(tmp_path):
     # In a process of its own: connecting sets MLflow's tracking URI for the whole process.
     done = subprocess.run([sys.executable, "-c", CONNECT, f"sqlite:///{tmp_path / 'mlflow.db'}"],

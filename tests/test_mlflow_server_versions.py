@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
-import sys
 import threading
 import urllib.request
 
@@ -19,8 +17,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import (TINY, free_port, run_cli, start_mlflow_server, stop, sweep_runs,
-                      wait_for_http)
+from conftest import TINY, run_cli, start_mlflow_server, stop, sweep_runs
 from venvs import side_venv
 
 # The versions AWS pairs with each server ("Integrate MLflow with your environment"). MLflow
@@ -105,19 +102,21 @@ def test_a_mlflow_3_0_server_tracks_a_run_and_a_sweep_whose_champion_predicts(
 
 def test_a_server_that_hides_its_version_is_let_through_with_a_warning(tmp_path, caplog):
     # A proxy in front of the server may not pass /version: a plain file server here (404).
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
     from abalone.tracking.server_version import check_server_version
 
-    port = free_port()
-    files = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
-                              str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{files.server_address[1]}"
     try:
-        wait_for_http(url, files)
         with caplog.at_level(logging.WARNING, logger="abalone"):
             check_server_version(url, url, 5)
     finally:
-        stop(files)
+        files.shutdown()
+        files.server_close()
     assert (f"cannot tell the MLflow version of the tracking server at {url} (GET /version "
             f"answered HTTP 404") in caplog.text
 

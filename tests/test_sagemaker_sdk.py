@@ -9,9 +9,7 @@ container's exit), so each run's outcome is read from Podman and from the job's 
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import re
 import shutil
 import sqlite3
@@ -24,8 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
-from test_container import IMAGE, podman, podman_env, project_image, standin_base  # noqa: F401
+from conftest import REPO, podman
 from venvs import side_venv
 
 # (venv name, requirements): v2's local mode needs its `local` extra (the docker and PyYAML
@@ -145,7 +142,7 @@ def test_sdk_local_mode_honours_the_hyperparameters_and_reports_a_failure(
             ("bad", {"trainer.epochs": -3})):
         root = tmp_path / case
         root.mkdir()
-        done = run_sdk(sdk, script, tmp_path, docker_api, IMAGE, str(data), str(root),
+        done = run_sdk(sdk, script, tmp_path, docker_api, project_image, str(data), str(root),
                        json.dumps(hyperparameters))
         log = done.stdout + done.stderr
         (exit_code,) = compose_containers(docker_api, root)
@@ -180,8 +177,9 @@ def python_blocks(markdown: str) -> list[str]:
 # The docs' own values are AWS's; here the image is the test image, no tracking server (the
 # container keeps its own MLflow store), and the jobs of the first two examples run in local mode,
 # with the S3 data folder read from a local one, 2 epochs and 2 trials.
-SETUP = f"""
-IMAGE = {IMAGE!r}
+def setup_for(image: str) -> str:
+    return f"""
+IMAGE = {image!r}
 ROLE = "arn:aws:iam::123456789012:role/abalone-test"
 BUCKET = "s3://abalone-test-bucket/abalone"
 TRACKING = {{}}
@@ -214,8 +212,9 @@ def test_the_sdk_docs_examples_run_in_local_mode(tmp_path, data_file, docker_api
     setup, job, sweep, local = python_blocks((REPO / "docs" / "sagemaker-sdk.md").read_text())
     assert "IMAGE = " in setup and "TRACKING = " in setup
     assert local.count('"abalone-dlc"') == 1  # the image as `docker build -t abalone-dlc` tags it
-    runs = {"job": SETUP + AS_LOCAL_JOB + job, "sweep": SETUP + AS_LOCAL_JOB + sweep,
-            "local": local.replace('"abalone-dlc"', repr(IMAGE))}
+    runs = {"job": setup_for(project_image) + AS_LOCAL_JOB + job,
+            "sweep": setup_for(project_image) + AS_LOCAL_JOB + sweep,
+            "local": local.replace('"abalone-dlc"', repr(project_image))}
     found = {}
     for name, code in runs.items():
         cwd = tmp_path / name

@@ -22,7 +22,7 @@ from typing import Any
 
 import optuna
 from hydra.core.utils import JobStatus
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from abalone import data, tracking
