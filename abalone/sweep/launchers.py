@@ -131,7 +131,8 @@ def batch_size(launcher_cfg: DictConfig) -> int:
 
 def trial_override(fields: dict[str, Any]) -> str:
     """The override that hands a job its trial: URL-safe base64 of JSON, so no quote, comma or
-    `${` of a study name can reach Hydra's grammar or OmegaConf's interpolation."""
+    `${` of a study name can reach Hydra's grammar or OmegaConf's interpolation. A Hydra key
+    (`++`: added beside the user's own env_set), so it is in no job folder's name or params."""
     encoded = base64.urlsafe_b64encode(json.dumps(fields).encode()).decode()
     return f"++hydra.job.env_set.{TRIAL_ENV}='{encoded}'"
 
