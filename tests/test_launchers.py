@@ -118,6 +118,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
+# scancel sends SIGTERM, which submitit lets pass (it waits for preemption), then SIGKILL after
+# KillWait seconds (30 by default).
+KillWait=3
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 NodeName=localhost NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000
@@ -210,7 +213,7 @@ def test_a_cancelled_slurm_job_fails_its_trial_which_runs_again_on_resume(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(slurm_cluster, ABALONE_DATA=str(data_file))
     # Long enough to be cancelled while it trains.
-    long_args = [a for a in args if a != "trainer.epochs=3"] + ["trainer.epochs=400"]
+    long_args = [a for a in args if a != "trainer.epochs=3"] + ["trainer.epochs=3000"]
     sweep = subprocess.Popen([sys.executable, "-m", "abalone.train", *long_args],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
