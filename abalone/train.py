@@ -25,7 +25,9 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from abalone.config import AbaloneError  # noqa: E402
-from abalone.trial import ACTIVE_TRIAL  # noqa: E402
+# The module, not its ContextVar: run as `python -m abalone.train`, `main` is pickled by value for
+# launchers that run jobs in other processes (joblib), and a ContextVar cannot be pickled.
+import abalone.trial as trial_contract  # noqa: E402
 
 # By name: run as `python -m abalone.train` this module is __main__, outside the abalone loggers.
 log = logging.getLogger("abalone.train")
@@ -54,13 +56,19 @@ def _summary(cfg: DictConfig, result, output_dir: Path) -> None:
 def main(cfg: DictConfig) -> float | dict[str, float] | None:
     runtime = HydraConfig.get().runtime
     output_dir = Path(runtime.output_dir)
-    trial = ACTIVE_TRIAL.get()
+    trial = trial_contract.ACTIVE_TRIAL.get()
     choices = {group: choice for group, choice in runtime.choices.items()
                if choice is not None and not group.startswith("hydra/")}
     single = HydraConfig.get().mode is RunMode.RUN
     try:
         from abalone.run import run_training
 
+        encoded = os.environ.get(trial_contract.TRIAL_ENV)
+        if trial is None and encoded:  # a trial launched in another process (joblib, SLURM)
+            from abalone.sweep.launchers import open_context, run_job
+
+            return run_job(open_context(encoded, cfg.trainer.epochs),
+                           lambda context: run_training(cfg, output_dir, context, choices))
         result = run_training(cfg, output_dir, trial, choices)
     except AbaloneError as err:
         if single:

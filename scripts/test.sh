@@ -11,7 +11,8 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || needed+=(postgresql)
 [ -x /usr/bin/chromium ] || needed+=(chromium)
 # docker-compose and a `docker` command (Podman's) for the SageMaker SDK's local mode, which the
 # tests run over Podman's Docker API socket.
-for tool in podman mmdebstrap runc newuidmap docker-compose docker; do
+# slurmctld, slurmd and munged for the SLURM cluster tests/test_launchers.py starts on 127.0.0.1.
+for tool in podman mmdebstrap runc newuidmap docker-compose docker slurmctld munged; do
     command -v "$tool" >/dev/null || needed+=("$tool")
 done
 if [ ${#needed[@]} -gt 0 ]; then
@@ -20,6 +21,8 @@ if [ ${#needed[@]} -gt 0 ]; then
         case "$tool" in
             newuidmap) packages+=(uidmap) ;;
             docker) packages+=(podman-docker) ;;  # Podman's `docker` command
+            slurmctld) packages+=(slurm-wlm) ;;
+            munged) packages+=(munge) ;;
             *) packages+=("$tool") ;;
         esac
     done

@@ -1,0 +1,179 @@
+"""The Hydra launchers a sweep runs its trials with, and how a trial reaches a job that runs in
+another process or on another host.
+
+The default launcher (and the benchmark's) runs each trial in the sweeping process, which hands
+the run its `abalone.trial.TrialContext` in memory. joblib (`hydra/launcher=joblib`, processes on
+this machine) and submitit's SLURM launcher (`hydra/launcher=submitit_slurm`, jobs on a cluster)
+run a batch of trials in other processes: each job gets its trial as a Hydra override,
+`hydra.job.env_set.ABALONE_TRIAL=...`, which Hydra's `run_job` turns into an environment
+variable inside the job, whatever launcher ran it; `abalone.train` then rebuilds the context from
+the shared study (`open_context`). Any other launcher is refused before the study or the parent
+run exists: we have not seen its jobs through, and a job that does not get its trial would train
+and register as a plain run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from abalone.config import ConfigError
+from abalone.redact import redact
+from abalone.trial import TRIAL_ENV, TrialContext
+
+
+@dataclass(frozen=True)
+class LauncherKind:
+    name: str  # as the user selects it: hydra/launcher=NAME
+    in_process: bool  # the trial runs in the sweeping process (the context travels in memory)
+    same_machine: bool  # its jobs run on this machine (file storages and MLflow stores work)
+
+
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+# By class path: every launcher our tests run a sweep through.
+TESTED = {
+    "hydra._internal.core_plugins.basic_launcher.BasicLauncher":
+        LauncherKind("basic", in_process=True, same_machine=True),
+    # scripts/hydra_plugins/abalone_bench: the benchmark's own, reading ACTIVE_TRIAL in-process
+    "hydra_plugins.abalone_bench.simulated_launcher.SimulatedLauncher":
+        LauncherKind("simulated (benchmark)", in_process=True, same_machine=True),
+    "hydra_plugins.abalone_bench.phase_timing_launcher.PhaseTimingLauncher":
+        LauncherKind("phase timing (benchmark)", in_process=True, same_machine=True),
+    JOBLIB: LauncherKind("joblib", in_process=False, same_machine=True),
+    SLURM: LauncherKind("submitit_slurm", in_process=False, same_machine=False),
+}
+INSTEAD = ("use hydra/launcher=basic (the default: trials in this process, hydra.sweeper.n_jobs "
+           "for more), joblib (processes on this machine), submitit_slurm (a SLURM cluster), "
+           "or workers=container|sagemaker")
+
+
+def check_launcher(launcher, launcher_cfg: DictConfig, settings: DictConfig,
+                   tracking_cfg: DictConfig) -> LauncherKind:
+    """The launcher's kind, or a ConfigError naming it and what to use instead: an untested
+    launcher, extra sweep processes beside one that runs its own, or a storage or MLflow store
+    its jobs cannot reach."""
+    target = f"{type(launcher).__module__}.{type(launcher).__qualname__}"
+    kind = TESTED.get(target)
+    if kind is None:
+        raise ConfigError(f"hydra.launcher._target_={launcher_cfg.get('_target_', target)} is a "
+                          f"launcher this sweeper has not been tested with (its jobs may not get "
+                          f"their trial, and would train and register as plain runs); {INSTEAD}")
+    if kind.in_process:
+        return kind
+    if settings.n_jobs != 1:
+        raise ConfigError(f"hydra.sweeper.n_jobs={settings.n_jobs} with hydra/launcher="
+                          f"{kind.name}: the launcher runs the trials at once itself; set "
+                          f"{'hydra.launcher.n_jobs' if target == JOBLIB else 'hydra.launcher.array_parallelism'}"
+                          " instead and leave hydra.sweeper.n_jobs=1")
+    if not kind.same_machine:
+        _check_shared(kind, launcher_cfg, settings.storage, tracking_cfg)
+    return kind
+
+
+def _check_shared(kind: LauncherKind, launcher_cfg: DictConfig, storage: str,
+                  tracking_cfg: DictConfig) -> None:
+    """A cluster's jobs reach a database or a storage proxy, or a journal file on the folder
+    submitit itself shares with them (its `submitit_folder` must be on a shared file system, or
+    no job would start); SQLite is refused (its locks are unsafe on network file systems), and
+    so is an MLflow store in a file (jobs write runs at once): use an MLflow server."""
+    if storage.startswith("sqlite:"):
+        raise ConfigError(f"hydra.sweeper.storage={redact(storage)} is SQLite, which jobs of "
+                          f"hydra/launcher={kind.name} on other hosts cannot share safely; use "
+                          "PostgreSQL (hydra.sweeper.storage=postgresql+psycopg2://USER@HOST/DB) "
+                          "or a journal file on the cluster's shared file system")
+    if "://" not in storage:
+        folder = str(launcher_cfg.submitit_folder).replace("%j", "")
+        if _device(storage) != _device(folder):
+            raise ConfigError(
+                f"hydra.sweeper.storage={storage} is not on the file system of "
+                f"hydra.launcher.submitit_folder={launcher_cfg.submitit_folder}, the folder the "
+                f"cluster's nodes share with this one; put the journal file there or use "
+                "PostgreSQL (hydra.sweeper.storage=postgresql+psycopg2://USER@HOST/DB)")
+    uri = tracking_cfg.uri or ""
+    if tracking_cfg.enabled and not (tracking_cfg.arn or tracking_cfg.server_name) and (
+            "://" not in uri or uri.startswith(("sqlite:", "file:"))):
+        raise ConfigError(f"tracking.uri={redact(uri)} is a store in a file, which jobs of "
+                          f"hydra/launcher={kind.name} on other hosts cannot write to at once; "
+                          "use an MLflow server they reach (tracking=server "
+                          "tracking.uri=http://HOST:5000) or tracking.enabled=false")
+
+
+def _device(path: str) -> int:
+    """The file system a path is (or would be created) on."""
+    existing = Path(path).expanduser().resolve()
+    while not existing.exists():
+        existing = existing.parent
+    return os.stat(existing).st_dev
+
+
+def batch_size(launcher_cfg: DictConfig) -> int:
+    """How many trials the launcher runs at once, so the sweep asks that many."""
+    target = launcher_cfg._target_
+    if target == JOBLIB:
+        n_jobs = int(launcher_cfg.n_jobs)  # joblib's rule: -1 every core, -2 all but one, ...
+        return max(1, n_jobs if n_jobs > 0 else (os.cpu_count() or 1) + 1 + n_jobs)
+    if target == SLURM:
+        return max(1, int(launcher_cfg.array_parallelism))
+    return 1
+
+
+# -- the trial, from the sweep to its job ---------------------------------------------------
+
+
+def trial_override(fields: dict[str, Any]) -> str:
+    """The override that hands a job its trial: URL-safe base64 of JSON, so no quote, comma or
+    `${` of a study name can reach Hydra's grammar or OmegaConf's interpolation. A Hydra key
+    (`++`: added beside the user's own env_set), so it is in no job folder's name or params."""
+    encoded = base64.urlsafe_b64encode(json.dumps(fields).encode()).decode()
+    return f"++hydra.job.env_set.{TRIAL_ENV}='{encoded}'"
+
+
+def open_context(encoded: str, epochs: int) -> TrialContext:
+    """In the job: its trial, on the study the sweep shares (for each epoch's report and the
+    pruner's verdict), and the rule for logging its model. A job stops on its own SIGINT or
+    SIGTERM; the sweep's Ctrl-C event cannot reach another process."""
+    from abalone.sweep import objectives
+    from abalone.sweep.algorithms import make_pruner
+    from abalone.sweep.storage import make_storage
+
+    fields = json.loads(base64.urlsafe_b64decode(encoded))
+    storage = make_storage(fields["storage"], fields["storage_password_secret"])
+    pruner = (make_pruner(OmegaConf.create(fields["pruner"]), epochs) if fields["prune"]
+              else optuna.pruners.NopPruner())
+    study = optuna.load_study(study_name=fields["study_name"], storage=storage, pruner=pruner)
+    trial = optuna.Trial(study, fields["trial_id"])
+    if trial.number != fields["trial_number"]:
+        raise ConfigError(f"{TRIAL_ENV} names trial {fields['trial_number']}, but trial id "
+                          f"{fields['trial_id']} of study {fields['study_name']} is trial "
+                          f"{trial.number}")
+    return TrialContext(trial, fields["parent_run_id"], fields["study_name"], fields["metric"],
+                        threading.Event(), tuple(fields["measures"]), fields["prune"],
+                        logs_model=objectives.model_check(study, fields["log_models"] == "all"))
+
+
+OUTCOME = "outcome"  # the trial's user attribute where its job records how it ended
+
+
+def run_job(context: TrialContext, train: Callable[[TrialContext], Any]) -> dict[str, float]:
+    """Train the trial and record how it ended on the trial itself, for a sweep whose launcher
+    lost the job's return value (one job of a SLURM array cancelled fails the whole batch)."""
+    try:
+        measured = train(context).measured
+    except optuna.TrialPruned:
+        context.trial.set_user_attr(OUTCOME, {"state": "PRUNED"})
+        raise
+    except Exception as err:
+        context.trial.set_user_attr(OUTCOME, {"state": "FAIL",
+                                              "error": f"{type(err).__name__}: {err}"[:500]})
+        raise
+    context.trial.set_user_attr(OUTCOME, {"state": "COMPLETE", "measured": measured})
+    return measured
