@@ -16,18 +16,26 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+from hydra.core.utils import JobStatus
 from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
 
-from abalone.config import ConfigError
+from abalone.config import AbaloneError, ConfigError
 from abalone.redact import redact
+from abalone.sweep import report, slots, space
+from abalone.tracking import sweep_runs
 from abalone.trial import TRIAL_ENV, TrialContext
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -177,3 +185,81 @@ def run_job(context: TrialContext, train: Callable[[TrialContext], Any]) -> dict
         raise
     context.trial.set_user_attr(OUTCOME, {"state": "COMPLETE", "measured": measured})
     return measured
+
+
+def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
+    """Launch a batch of trials as jobs in other processes (joblib, SLURM), each handed its
+    trial through its overrides (abalone.sweep.launchers), and tell the study how each
+    ended. This process owns the trials and beats for them while their jobs run, so a sweep
+    that dies leaves them stale, failed and retried on resume; a job lost with its result
+    (scancel, a node's failure) fails its trial, queues its parameters again and stops the
+    sweep."""
+    jobs_overrides = []
+    storage = sweep.settings.storage  # a journal file by its absolute path: jobs' folders differ
+    storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    for trial in trials:
+        slots.mark_owner(trial)
+        extra = sweep.conditional_overrides(trial) if sweep.plan.custom_space else {}
+        swept = {k: v for k, v in trial.params.items() if k in sweep.plan.space}
+        jobs_overrides.append([
+            *sweep.plan.fixed, *space.trial_overrides({**swept, **extra}),
+            trial_override({
+                "study_name": sweep.plan.study_name, "storage": storage,
+                "storage_password_secret": sweep.settings.storage_password_secret,
+                "trial_id": trial._trial_id, "trial_number": trial.number,
+                "parent_run_id": sweep.parent_run_id, "metric": sweep.plan.metrics[0],
+                "measures": list(sweep.plan.measures), "prune": sweep.plan.prune,
+                "pruner": OmegaConf.to_container(sweep.settings.pruner, resolve=True),
+                "log_models": str(sweep.plan.log_models)})])
+    start = time.monotonic()
+    lost: Exception | None = None
+    interval = slots.heartbeat_interval(sweep.settings.stale_after)
+    beats = [slots.Heartbeat(sweep.study, trial, interval).__enter__() for trial in trials]
+    try:
+        jobs = sweep.launcher.launch(jobs_overrides, initial_job_idx=trials[0].number)
+    except KeyboardInterrupt:
+        for trial in trials:
+            if sweep.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                slots.fail_and_retry(sweep.study, trial)
+        raise
+    except Exception as err:  # noqa: BLE001 - the launcher lost a job; see below
+        log.debug("the launcher lost a job", exc_info=True)
+        lost, jobs = err, [None] * len(trials)
+    finally:
+        for beat in beats:
+            beat.__exit__()
+    states, seconds = [], time.monotonic() - start
+    for trial, job in zip(trials, jobs):
+        measured, error = None, None
+        if job is not None and job.status is JobStatus.COMPLETED:
+            measured = job.return_value
+        elif job is not None:
+            error = job._return_value
+        else:  # what the job recorded before the launcher lost it, if it finished
+            outcome = sweep.study._storage.get_trial(trial._trial_id).user_attrs.get(
+                OUTCOME)
+            if outcome is None:
+                slots.fail_and_retry(sweep.study, trial)
+                run_id = sweep.study._storage.get_trial(trial._trial_id).user_attrs.get(
+                    "mlflow_run_id")
+                if sweep.client and run_id:  # the job could not end it
+                    sweep_runs.end_trial_runs(sweep.client, [run_id])
+                report.trial_line(sweep, trial, "FAIL", None, lost, seconds,
+                                  "its job ended without a result; queued again")
+                states.append("FAIL")
+                continue
+            measured = outcome.get("measured")
+            if outcome["state"] == "PRUNED":
+                error = optuna.TrialPruned()
+            elif outcome["state"] == "FAIL":
+                error = RuntimeError(outcome["error"])
+        state, values, note = sweep.tell(trial, measured, error)
+        report.trial_line(sweep, trial, state, values, error, seconds, note)
+        states.append(state)
+    if lost is not None:
+        raise AbaloneError(
+            f"hydra/launcher={sweep.launcher_kind.name} lost a job of trials "
+            f"{[t.number for t in trials]}: {type(lost).__name__}: {str(lost)[:500]}; "
+            "trials without a result were marked FAIL and queued again: rerun the same "
+            "command to resume the study")
+    return states

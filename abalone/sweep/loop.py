@@ -190,7 +190,7 @@ class Sweep:
             if not batch:
                 break
             states = ([self.run_one(batch[0])] if self.launcher_kind.in_process
-                      else self.run_batch(batch))
+                      else launchers.run_batch(self, batch))
             for state in states:
                 if state == "FAIL" and tracking.OUTAGE.given_up:
                     raise AbaloneError(tracking.OUTAGE.given_up)
@@ -294,83 +294,6 @@ class Sweep:
         state, values, note = self.tell(trial, measured, error)
         report.trial_line(self, trial, state, values, error, time.monotonic() - start, note)
         return state
-
-    def run_batch(self, trials: list[optuna.Trial]) -> list[str]:
-        """Launch a batch of trials as jobs in other processes (joblib, SLURM), each handed its
-        trial through its overrides (abalone.sweep.launchers), and tell the study how each
-        ended. This process owns the trials and beats for them while their jobs run, so a sweep
-        that dies leaves them stale, failed and retried on resume; a job lost with its result
-        (scancel, a node's failure) fails its trial, queues its parameters again and stops the
-        sweep."""
-        jobs_overrides = []
-        storage = self.settings.storage  # a journal file by its absolute path: jobs' folders differ
-        storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
-        for trial in trials:
-            slots.mark_owner(trial)
-            extra = self.conditional_overrides(trial) if self.plan.custom_space else {}
-            swept = {k: v for k, v in trial.params.items() if k in self.plan.space}
-            jobs_overrides.append([
-                *self.plan.fixed, *space.trial_overrides({**swept, **extra}),
-                launchers.trial_override({
-                    "study_name": self.plan.study_name, "storage": storage,
-                    "storage_password_secret": self.settings.storage_password_secret,
-                    "trial_id": trial._trial_id, "trial_number": trial.number,
-                    "parent_run_id": self.parent_run_id, "metric": self.plan.metrics[0],
-                    "measures": list(self.plan.measures), "prune": self.plan.prune,
-                    "pruner": OmegaConf.to_container(self.settings.pruner, resolve=True),
-                    "log_models": str(self.plan.log_models)})])
-        start = time.monotonic()
-        lost: Exception | None = None
-        interval = slots.heartbeat_interval(self.settings.stale_after)
-        beats = [slots.Heartbeat(self.study, trial, interval).__enter__() for trial in trials]
-        try:
-            jobs = self.launcher.launch(jobs_overrides, initial_job_idx=trials[0].number)
-        except KeyboardInterrupt:
-            for trial in trials:
-                if self.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                    slots.fail_and_retry(self.study, trial)
-            raise
-        except Exception as err:  # noqa: BLE001 - the launcher lost a job; see below
-            log.debug("the launcher lost a job", exc_info=True)
-            lost, jobs = err, [None] * len(trials)
-        finally:
-            for beat in beats:
-                beat.__exit__()
-        states, seconds = [], time.monotonic() - start
-        for trial, job in zip(trials, jobs):
-            measured, error = None, None
-            if job is not None and job.status is JobStatus.COMPLETED:
-                measured = job.return_value
-            elif job is not None:
-                error = job._return_value
-            else:  # what the job recorded before the launcher lost it, if it finished
-                outcome = self.study._storage.get_trial(trial._trial_id).user_attrs.get(
-                    launchers.OUTCOME)
-                if outcome is None:
-                    slots.fail_and_retry(self.study, trial)
-                    run_id = self.study._storage.get_trial(trial._trial_id).user_attrs.get(
-                        "mlflow_run_id")
-                    if self.client and run_id:  # the job could not end it
-                        sweep_runs.end_trial_runs(self.client, [run_id])
-                    report.trial_line(self, trial, "FAIL", None, lost, seconds,
-                                      "its job ended without a result; queued again")
-                    states.append("FAIL")
-                    continue
-                measured = outcome.get("measured")
-                if outcome["state"] == "PRUNED":
-                    error = optuna.TrialPruned()
-                elif outcome["state"] == "FAIL":
-                    error = RuntimeError(outcome["error"])
-            state, values, note = self.tell(trial, measured, error)
-            report.trial_line(self, trial, state, values, error, seconds, note)
-            states.append(state)
-        if lost is not None:
-            raise AbaloneError(
-                f"hydra/launcher={self.launcher_kind.name} lost a job of trials "
-                f"{[t.number for t in trials]}: {type(lost).__name__}: {str(lost)[:500]}; "
-                "trials without a result were marked FAIL and queued again: rerun the same "
-                "command to resume the study")
-        return states
 
     def tell(self, trial: optuna.Trial, measured: dict[str, float] | None,
              error: BaseException | None) -> tuple[str, list[float] | None, str]:
