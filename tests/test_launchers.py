@@ -8,17 +8,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import CLI_TIMEOUT, REPO, run_cli, sweep_runs
-from test_sweeps import MODEL, SMALL, assert_total_honoured, load_study
+from conftest import load_study, run_cli, sweep_runs
+from test_sweeps import MODEL, SMALL, assert_total_honoured
 
 pytestmark = pytest.mark.slow
 
