@@ -99,3 +99,51 @@ def test_the_server_drops_a_resent_metric_batch(mlflow_server):
     client.log_batch(run.info.run_id, metrics=batch)
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] \
         == [(1, 0.5), (2, 0.25)]
+
+
+@pytest.fixture
+def moto_s3():
+    """moto's standalone S3 server on 127.0.0.1 with one bucket."""
+    import boto3
+
+    from conftest import free_port, stop, wait_for_http
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_http(f"http://127.0.0.1:{port}/moto-api/", proc)
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                 aws_access_key_id="x", aws_secret_access_key="x").create_bucket(Bucket="out")
+    yield port
+    stop(proc)
+
+
+def test_an_output_folder_cut_short_reads_as_absent_until_uploaded_whole(tmp_path, moto_s3,
+                                                                          monkeypatch):
+    from abalone import aws
+
+    folder = tmp_path / "run"
+    (folder / "plots").mkdir(parents=True)
+    for name in ("a.txt", "b.txt", "plots/c.png"):
+        (folder / name).write_bytes(name.encode() * 1000)
+    # Every request for b.txt is reset (boto3 retries it, then gives up); the rest lose some
+    # replies after S3 stored the object, which boto3 retries as the same PUT.
+    proxy = FaultProxy(moto_s3, 3, {"reset": 1.0}, only=r"^PUT /out/outputs/r1/b\.txt")
+    lossy = FaultProxy(moto_s3, 4, {"drop": 0.3, "503": 0.1})
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with pytest.raises(aws.AwsError, match="uploading .* to s3://out/outputs/r1 failed"):
+            aws.upload_folder(folder, "s3://out/outputs", "r1")
+        assert proxy.injected["reset"] >= 2
+        assert aws.uploaded_files("s3://out/outputs/r1") is None  # a.txt alone is not the folder
+        monkeypatch.setenv("AWS_ENDPOINT_URL", lossy.url)
+        assert aws.upload_folder(folder, "s3://out/outputs", "r1") == "s3://out/outputs/r1"
+        assert lossy.injected["drop"] >= 1
+        assert aws.uploaded_files("s3://out/outputs/r1") == {
+            "a.txt": 5000, "b.txt": 5000, "plots/c.png": 11000}
+    finally:
+        proxy.close()
+        lossy.close()
