@@ -147,3 +147,50 @@ def test_an_output_folder_cut_short_reads_as_absent_until_uploaded_whole(tmp_pat
     finally:
         proxy.close()
         lossy.close()
+
+
+# One host opening a study: its starting points and its parent run, each under the study's lock.
+OPEN = """
+import sys, time
+import mlflow, optuna
+from abalone.sweep.lock import study_lock
+from abalone.sweep.storage import make_storage
+from abalone.tracking import sweep_runs
+
+journal, url, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+storage = make_storage(journal)
+client = mlflow.MlflowClient(tracking_uri=url)
+experiment_id = client.get_experiment_by_name("Default").experiment_id
+time.sleep(max(0.0, start - time.time()))  # all hosts at once
+study = optuna.create_study(study_name="race", storage=storage, load_if_exists=True)
+with study_lock(storage, "race.starting-points"):
+    for point in ({"x": 1}, {"x": 2}):
+        study.enqueue_trial(point, skip_if_exists=True)
+with study_lock(storage, "race.parent-run"):
+    print(sweep_runs.open_parent_run(client, experiment_id, "race", "journal", {}))
+"""
+
+
+def test_hosts_opening_one_study_at_once_queue_each_point_and_elect_one_parent(tmp_path,
+                                                                              mlflow_server):
+    import time
+
+    import optuna
+
+    from abalone.sweep.storage import make_storage
+
+    journal = str(tmp_path / "study.journal")
+    start = time.time() + 8  # past every process's imports
+    hosts = [subprocess.Popen([sys.executable, "-c", OPEN, journal, mlflow_server, str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = [(h.communicate(timeout=120), h.returncode) for h in hosts]
+    assert all(code == 0 for _, code in results), [err[-2000:] for (_, err), _ in results]
+    assert len({out.strip() for (out, _), _ in results}) == 1  # one parent run for all
+    storage = make_storage(journal)
+    study = optuna.load_study(study_name="race", storage=storage)
+    assert sorted(t.params.get("x", t.system_attrs["fixed_params"]["x"])
+                  for t in study.trials) == [1, 2]
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["race"]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert len(client.search_runs(["0"], "tags.`abalone.role` = 'sweep'")) == 1
