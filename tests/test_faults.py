@@ -194,3 +194,16 @@ def test_hosts_opening_one_study_at_once_queue_each_point_and_elect_one_parent(t
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["race"]
     client = MlflowClient(tracking_uri=mlflow_server)
     assert len(client.search_runs(["0"], "tags.`abalone.role` = 'sweep'")) == 1
+
+
+@pytest.mark.parametrize("seed", [5, 11])
+def test_soak_fixed_seeds_keep_every_invariant(data_file, seed):
+    """CI's short soak: one real sweep under each seed's schedule (`--minutes 0`)."""
+    import argparse
+
+    from bench.faults import bench_faults
+
+    summary = bench_faults(argparse.Namespace(seed=seed, minutes=0, data=str(data_file)))
+    assert summary["sweeps_completed"] == 1
+    assert sum(summary["faults_injected"].values()) >= 1, summary["faults_injected"]
+    assert summary["breaches"] == []
