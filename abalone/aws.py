@@ -101,7 +101,12 @@ def _s3_client():
     # boto3 reads AWS_ENDPOINT_URL(_S3) itself; MLFLOW_S3_ENDPOINT_URL is MLflow's name for it.
     endpoint = (None if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                 else os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
-    return boto3.client("s3", endpoint_url=endpoint)
+    from botocore.config import Config
+
+    # Every request here may be repeated (PUTs of the same keys, reads): more attempts than
+    # boto3's default 3 ride out a throttled or briefly unreachable endpoint.
+    return boto3.client("s3", endpoint_url=endpoint,
+                        config=Config(retries={"mode": "standard", "max_attempts": 8}))
 
 
 def check_s3_output(uri: str) -> None:
@@ -116,19 +121,50 @@ def check_s3_output(uri: str) -> None:
         raise AwsError(f"config key output.s3_uri: cannot reach bucket {bucket!r}: {err}") from err
 
 
+# Written last by `upload_folder`: a folder under output.s3_uri without it is not complete (an
+# upload cut short), and readers take it as absent. It lists each file's key and size.
+COMPLETE_MARKER = "_COMPLETE"
+
+
 def upload_folder(folder: Path, uri: str, name: str) -> str:
-    """Upload every file below `folder` to `uri`/`name`/...; return that S3 location."""
+    """Upload every file below `folder` to `uri`/`name`/..., then the manifest `_COMPLETE`;
+    return that S3 location. Uploading again (a retried run) overwrites the same keys."""
     import botocore.exceptions
 
     bucket, prefix = split_s3_uri(uri)
     base = "/".join(p for p in (prefix, name) if p)
     s3 = _s3_client()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = {path.relative_to(folder).as_posix(): path.stat().st_size for path in files}
     try:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        s3.delete_object(Bucket=bucket, Key=f"{base}/{COMPLETE_MARKER}")  # a re-upload's
+        for path in files:
             s3.upload_file(str(path), bucket, f"{base}/{path.relative_to(folder).as_posix()}")
+        s3.put_object(Bucket=bucket, Key=f"{base}/{COMPLETE_MARKER}",
+                      Body=json.dumps({"files": manifest}, indent=1).encode())
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
         raise AwsError(f"uploading {folder} to s3://{bucket}/{base} failed: {err}") from err
     return f"s3://{bucket}/{base}"
+
+
+def uploaded_files(location: str) -> dict[str, int] | None:
+    """The files (relative name -> size) of an output folder `upload_folder` completed at
+    `location`, checked against its manifest; None if the folder is absent or incomplete."""
+    import botocore.exceptions
+
+    bucket, base = split_s3_uri(location)
+    s3 = _s3_client()
+    try:
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{base}/{COMPLETE_MARKER}")
+                              ["Body"].read())["files"]
+    except s3.exceptions.NoSuchKey:
+        return None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+        raise AwsError(f"reading s3://{bucket}/{base}/{COMPLETE_MARKER} failed: {err}") from err
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{base}/"):
+        found.update({o["Key"][len(base) + 1:]: o["Size"] for o in page.get("Contents", [])})
+    return manifest if all(found.get(k) == v for k, v in manifest.items()) else None
 
 
 SECRET_ARN = re.compile(r"^arn:aws[a-z-]*:secretsmanager:(?P<region>[a-z0-9-]+):\d{12}:secret:.+$")

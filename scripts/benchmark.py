@@ -30,7 +30,8 @@ import os
 import sys
 from pathlib import Path
 
-from bench import callback, fleet_storage, overhead, report, sample, serving, storage, sweep
+from bench import (callback, faults, fleet_storage, overhead, report, sample, serving, storage,
+                   sweep)
 
 
 def main() -> None:
@@ -67,7 +68,12 @@ def main() -> None:
     parser.add_argument("--sections",
                         default="default,callback,overhead,sweeps,storage,fleet-storage,serving",
                         help="comma-separated subset to run (the report shows only those); "
-                        "fleet-storage needs --postgres-url")
+                        "fleet-storage needs --postgres-url; `faults` (the fault soak) runs "
+                        "only when named")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="faults: the soak's seed (its first sweep's schedule)")
+    parser.add_argument("--minutes", type=float, default=5.0,
+                        help="faults: how long the soak starts new sweeps")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, to check that every figure is produced")
     args = parser.parse_args()
@@ -118,6 +124,9 @@ def main() -> None:
     if "serving" in sections:
         print("serving ...", flush=True)
         results["serving"] = serving.bench_serving(args)
+    if "faults" in sections:
+        print(f"fault soak, seed {args.seed}, {args.minutes:g} minutes ...", flush=True)
+        results["faults"] = faults.bench_faults(args)
     results["targets"] = report.targets(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))

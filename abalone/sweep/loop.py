@@ -29,6 +29,7 @@ from abalone import data, tracking
 from abalone.config import AbaloneError, ConfigError, check_ranges
 from abalone.sweep import coordinator, launchers, objectives, report, slots, space
 from abalone.sweep.algorithms import make_pruner, make_sampler
+from abalone.sweep.lock import study_lock
 from abalone.sweep.plan import SweepPlan, make_plan, open_study
 from abalone.sweep.storage import make_storage
 from abalone.tracking import sweep_runs
@@ -109,9 +110,11 @@ class Sweep:
             if self.is_worker:
                 self.parent_run_id = os.environ.get(PARENT_ENV)
             else:
-                self.parent_run_id = sweep_runs.open_parent_run(
-                    self.client, self.experiment_id, self.plan.study_name,
-                    self.plan.storage_label, self.plan.params(self.workers_choice))
+                # Search, then create: one coordinator at a time (two may start at once).
+                with study_lock(storage, f"{self.plan.study_name}.parent-run"):
+                    self.parent_run_id = sweep_runs.open_parent_run(
+                        self.client, self.experiment_id, self.plan.study_name,
+                        self.plan.storage_label, self.plan.params(self.workers_choice))
                 self.end_runs_left_running()
 
     def end_runs_left_running(self) -> None:

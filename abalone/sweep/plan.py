@@ -18,6 +18,7 @@ from abalone.config import ConfigError
 from abalone.redact import redact
 from abalone.sweep import objectives, space
 from abalone.sweep.algorithms import SETTINGS_USED, check_sampler, require_torch
+from abalone.sweep.lock import study_lock
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,12 @@ def open_study(plan: SweepPlan, storage, sampler, pruner) -> optuna.Study:
         copied, incompatible = space.copy_trials(study, source, plan.space)
         log.info("warm start from study %r: %d trials copied now, %d outside this search "
                  "space", source.study_name, copied, incompatible)
-    for point in OmegaConf.to_container(plan.settings.starting_points):
-        study.enqueue_trial(point, skip_if_exists=True)
+    points = OmegaConf.to_container(plan.settings.starting_points)
+    if points:
+        # skip_if_exists checks, then adds: atomic only under the lock (two hosts at once).
+        with study_lock(storage, f"{plan.study_name}.starting-points"):
+            for point in points:
+                study.enqueue_trial(point, skip_if_exists=True)
     return study
 
 

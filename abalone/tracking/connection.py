@@ -45,11 +45,41 @@ class TrackingError(AbaloneError):
     """The tracking server cannot be used; the message names the URI and the cause."""
 
 
+class ReplyLost(TrackingError):
+    """A request that must not be sent twice reached the server, perhaps, and its reply did not
+    come back: the caller looks up whether it acted (abalone/tracking/once.py) before sending
+    it again."""
+
+
 log = logging.getLogger(__name__)
 
 # Answers of a server that is restarting, overloaded or throttling: worth waiting for. Others
 # (400, 403, 404, and 500: the server ran the request and failed) are final.
 TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
+# Of those, the answers a gateway gives after it may have forwarded the request.
+MAYBE_ACTED_STATUSES = frozenset({408, 502, 504})
+# Requests that create something each time they are sent: after an attempt the server may have
+# acted on, they are never sent again blindly (`ReplyLost`). The rest are idempotent: reads,
+# updates, tags and params (same value), deletes, artifacts (same path), a registered model's
+# creation (a second one is refused and MLflow's register_model takes that as done), a logged
+# model's (at worst an unreferenced LoggedModel record), and metric batches: the SQL store's
+# primary key (run, key, timestamp, step, value) drops a point it already holds, and our logger
+# sends each epoch's points with the time the epoch ended, so a resent batch is the same batch.
+NOT_REPEATABLE = ("/runs/create", "/model-versions/create")
+
+
+def _never_sent(error: BaseException) -> bool:
+    """Whether a failed attempt never reached the server (no connection was made)."""
+    import urllib3
+
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, urllib3.exceptions.ConnectTimeoutError):  # NewConnectionError too
+            return True
+        error = getattr(error, "reason", None) or next(
+            (a for a in getattr(error, "args", ()) if isinstance(a, BaseException)), None)
+        seen += 1
+    return False
 
 
 class ServerOutage:
@@ -93,6 +123,8 @@ class ServerOutage:
         if host not in self.hosts or self.grace <= 0:
             return self.send(method, url, max_retries, backoff_factor, backoff_jitter,
                              retry_codes, raise_on_status, **kwargs)
+        repeatable = not (method.upper() == "POST"
+                          and urlsplit(url).path.endswith(NOT_REPEATABLE))
         body = kwargs.get("data")
         body_start = body.tell() if hasattr(body, "seek") else None  # an artifact's file
         attempt, met_outage = 0, False
@@ -108,12 +140,16 @@ class ServerOutage:
                 # urllib3's innermost reason, e.g. "[Errno 111] Connection refused"
                 reason = getattr(err.args[0] if err.args else None, "reason", err)
                 failure = f"{type(err).__name__}: {str(reason).rsplit(': ', 1)[-1][:200]}"
+                if not repeatable and not _never_sent(err):
+                    raise ReplyLost(f"{method} {urlsplit(url).path}: {failure}") from err
             else:
                 if response.status_code not in TRANSIENT_STATUSES:
                     if self.since is not None or self.given_up:
                         self.back()
                     return response
                 failure = f"HTTP {response.status_code} {response.reason}"
+                if not repeatable and response.status_code in MAYBE_ACTED_STATUSES:
+                    raise ReplyLost(f"{method} {urlsplit(url).path}: {failure}")
                 retry_after = response.headers.get("Retry-After")
             remaining = self.failed(failure, first=not met_outage)
             met_outage = True

@@ -50,10 +50,13 @@ class TrackedRun:
     def __enter__(self) -> TrackedRun:
         if self.experiment_id is None:
             return self
-        self.run_id = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.run_name,
-                                       tags=self.tags, parent_run_id=self.parent_run_id
-                                       ).info.run_id
+        from abalone.tracking import once
+
         self.client = mlflow.MlflowClient()
+        # Created once however its reply is lost, then made the active run (which resumes it).
+        self.run_id = once.create_run(self.client, self.experiment_id, self.run_name, self.tags,
+                                      self.parent_run_id).info.run_id
+        mlflow.start_run(run_id=self.run_id)
         try:
             self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v)
                                                        for k, v in self.params.items()])
@@ -190,10 +193,12 @@ def log_model(keras_path: Path, rows, predicted) -> str:
 
 def register(model_uri: str, name: str, run_id: str, metrics: dict[str, float],
              tags: dict[str, str] | None = None):
-    """Register `model_uri` as a new version of `name`, tagged with its run and metrics."""
-    version_tags = {"run_id": run_id, **{k: f"{v:.4f}" for k, v in metrics.items()},
-                    **(tags or {})}
-    return mlflow.register_model(model_uri, name, tags=version_tags)
+    """Register `model_uri` as a new version of `name`, tagged with its run and metrics, once
+    however its reply is lost (abalone/tracking/once.py)."""
+    from abalone.tracking import once
+
+    version_tags = {**{k: f"{v:.4f}" for k, v in metrics.items()}, **(tags or {})}
+    return once.register_version(model_uri, name, run_id, version_tags)
 
 
 def runs_table_url(host: str, experiment_id: str, search_filter: str | None = None) -> str:

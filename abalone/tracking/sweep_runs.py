@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 
+from abalone.tracking import once
 from abalone.tracking.runs import register
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def open_parent_run(client, experiment_id: str, study_name: str, storage: str,
 
     found = oldest()
     if found is None:
-        mine = client.create_run(experiment_id, run_name=study_name, tags={
+        mine = once.create_run(client, experiment_id, study_name, {
             "optuna.study_name": study_name, "optuna.storage": storage, "abalone.role": "sweep"})
         found = oldest()
         if found.info.run_id != mine.info.run_id:

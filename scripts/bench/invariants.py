@@ -1,0 +1,104 @@
+"""What must hold after any sweep, whatever faults it met: one checker for the tests and the soak
+(`--sections faults`). `sweep_breaches` returns each breach as a line (empty: all held).
+
+- the study has one parent MLflow run and every trial exactly one run, nested under it;
+- no run is left RUNNING;
+- every metric of every trial run has each step once (no doubled epoch), epochs 1..n unbroken;
+- the best trial's model is registered once (one version for its run) and holds `champion`;
+- the study's finished trials are `n_trials` (when the sweep exited 0), and no starting point was
+  queued twice;
+- the command's exit code and last line agree (0 and the study's summary; else an `error:` or
+  `interrupted:` line).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+EPOCH_METRICS = ("loss", "val_loss", "rmse", "val_rmse", "mae", "val_mae", "learning_rate",
+                 "epoch_duration")
+
+
+def run_breaches(client, experiment_id: str) -> tuple[list[str], dict, list]:
+    """Breaches among the experiment's runs (one parent, nesting, none RUNNING, steps once);
+    returns (breaches, trial runs by trial number, parent runs)."""
+    from mlflow.entities import ViewType
+
+    breaches = []
+    runs = client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
+                              max_results=5000)
+    parents = [r for r in runs if r.data.tags.get("abalone.role") == "sweep"]
+    if len(parents) != 1:
+        breaches.append(f"{len(parents)} parent runs (want 1): "
+                        f"{[p.info.run_id for p in parents]}")
+    parent_ids = {p.info.run_id for p in parents}
+    by_number: dict[int, list] = {}
+    for run in runs:
+        if run.info.status == "RUNNING":
+            breaches.append(f"run {run.info.run_id} ({run.info.run_name}) left RUNNING")
+        number = run.data.tags.get("optuna.trial_number")
+        if number is None:
+            continue
+        by_number.setdefault(int(number), []).append(run)
+        if run.data.tags.get("mlflow.parentRunId") not in parent_ids:
+            breaches.append(f"trial {number}'s run {run.info.run_id} is not nested under the "
+                            "parent run")
+        for key in EPOCH_METRICS:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            doubled = sorted(s for s, n in Counter(steps).items() if n > 1)
+            if doubled:
+                breaches.append(f"trial {number}: {key} has steps {doubled} more than once")
+            if steps and sorted(set(steps)) != list(range(1, max(steps) + 1)):
+                breaches.append(f"trial {number}: {key} misses epochs (steps "
+                                f"{sorted(set(steps))})")
+    for number, found in sorted(by_number.items()):
+        if len(found) != 1:
+            breaches.append(f"trial {number} has {len(found)} MLflow runs: "
+                            f"{[r.info.run_id for r in found]}")
+    return breaches, by_number, parents
+
+
+def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: str | None,
+                   starting_points: list[dict] = (), exit_code: int | None = None,
+                   last_line: str = "") -> list[str]:
+    """Every breach of the sweep's invariants (see the module's docstring)."""
+    from optuna.trial import TrialState
+
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return [f"no MLflow experiment {experiment!r}"]
+    breaches, by_number, _ = run_breaches(client, found.experiment_id)
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    if len(set(numbers)) != len(numbers):
+        breaches.append(f"duplicate trial numbers: {sorted(numbers)}")
+    for trial in trials:
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and \
+                trial.number not in by_number and "mlflow_run_id" in trial.user_attrs:
+            breaches.append(f"trial {trial.number} ({trial.state.name}) has no MLflow run")
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    if exit_code == 0 and n_trials is not None and len(finished) != n_trials:
+        breaches.append(f"{len(finished)} finished trials, n_trials={n_trials}")
+    if n_trials is not None and len(finished) > n_trials:
+        breaches.append(f"{len(finished)} finished trials exceed n_trials={n_trials}")
+    for point in starting_points:
+        # A retried trial (Optuna's `failed_trial` attr) repeats its parameters on purpose.
+        queued = [t.number for t in trials if t.system_attrs.get("fixed_params") == point
+                  and "failed_trial" not in t.system_attrs]
+        if len(queued) > 1:
+            breaches.append(f"starting point {point} queued {len(queued)} times: "
+                            f"trials {queued}")
+    if model and exit_code == 0 and any(t.state == TrialState.COMPLETE for t in trials):
+        best_run = study.best_trial.user_attrs.get("mlflow_run_id")
+        versions = client.search_model_versions(f"name = '{model}' and run_id = '{best_run}'")
+        if len(versions) != 1:
+            breaches.append(f"the best trial's run {best_run} has {len(versions)} versions of "
+                            f"{model} (want 1)")
+    if exit_code is not None:
+        ok = exit_code == 0
+        said = last_line.strip()
+        if ok and said.startswith(("error:", "interrupted:")):
+            breaches.append(f"exit 0 but the last line says {said!r}")
+        if not ok and not said.startswith(("error:", "interrupted:")):
+            breaches.append(f"exit {exit_code} but the last line says {said!r}")
+    return breaches
