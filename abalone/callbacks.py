@@ -59,7 +59,6 @@ class MlflowLogger(keras.callbacks.Callback):
         self.client = client
         self.run_id = run_id
         self.interval = interval
-        self.epochs_logged = 0  # what a stopped run's note counts: the epochs MLflow holds
         self._sender: threading.Thread | None = None
 
     def on_train_begin(self, logs=None):
@@ -86,7 +85,6 @@ class MlflowLogger(keras.callbacks.Callback):
         else:
             iterations = int(optimizer.iterations)
         self._queue(values, epoch + 1, iterations)
-        self.epochs_logged = epoch + 1
 
     def on_train_end(self, logs=None):
         self._queue({"total_training_time": time.perf_counter() - self._train_start}, 0)

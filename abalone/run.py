@@ -258,9 +258,10 @@ def record_stop(cfg: DictConfig, history: dict, output_dir: Path, trial: TrialCo
     """What a stopped run still records, to compare with finished runs: why, in its description;
     for a pruned trial its objective; unless interrupted, config.yaml and the learning curves so
     far (a pruned trial's curves are its per-epoch metrics, which MLflow charts itself)."""
-    # A Ctrl-C may land between History's record of an epoch and the logger's: count what the
-    # run holds.
-    epochs = run.logger.epochs_logged if run.logger else len(history.get("loss", []))
+    # A Ctrl-C may land between History's record of an epoch and the logger's: count the epochs
+    # the run holds (its logger has sent them all by now).
+    epochs = len(run.client.get_metric_history(run.run_id, "loss") if run.logger
+                 else history.get("loss", []))
     after = f"after {epochs} epoch{'s' * (epochs != 1)}"
     pruned = trial is not None and isinstance(error, optuna.TrialPruned) and not interrupted
     if interrupted:

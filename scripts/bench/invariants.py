@@ -78,7 +78,9 @@ def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: 
             breaches.append(f"trial {trial.number} ({trial.state.name}) has no MLflow run")
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     if exit_code == 0 and n_trials is not None and len(finished) != n_trials:
-        breaches.append(f"{len(finished)} finished trials, n_trials={n_trials}")
+        errors = [f"trial {t.number}: {t.user_attrs.get('error')}" for t in trials
+                  if t.state == TrialState.FAIL]
+        breaches.append(f"{len(finished)} finished trials, n_trials={n_trials}; failed: {errors}")
     if n_trials is not None and len(finished) > n_trials:
         breaches.append(f"{len(finished)} finished trials exceed n_trials={n_trials}")
     for point in starting_points:
