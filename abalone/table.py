@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from abalone.data import DataError, Splits, sha256_of
-from abalone.table_serving import CLASSIFICATION, REGRESSION, token
+from abalone.table_serving import CLASSIFICATION, REGRESSION, plain, token
 
 log = logging.getLogger(__name__)
 # An integer target with at most this many distinct values is taken for class labels.
@@ -137,8 +137,7 @@ def load(path: Path, cfg) -> tuple[pd.DataFrame, dict]:
                             f"{cfg.max_categories} distinct values ({len(distinct)}); raise the "
                             "limit, or leave the column out of data.features")
     task, reason = infer_task(frame[cfg.target], cfg.task)
-    log.info("task: %s (%s)", task, reason)
-    print(f"data.task: {task} ({reason})")
+    log.info("data.task: %s (%s)", task, reason)  # on the terminal: abalone logs at INFO
     y = frame[cfg.target]
     classes = None
     if task == REGRESSION:
@@ -186,7 +185,7 @@ def _numbers(values: pd.Series, where, column: str, role: str) -> pd.Series:
     bad = (numbers.isna() & values.notna()) | np.isinf(numbers)
     if bad.any():
         row = bad.idxmax()
-        raise DataError(f"{where(row, column)}: {values[row]!r} is not a finite number, and "
+        raise DataError(f"{where(row, column)}: {plain(values[row])} is not a finite number, and "
                         f"the column is {role}")
     return numbers
 

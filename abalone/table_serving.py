@@ -105,7 +105,7 @@ def probabilities(output: np.ndarray, spec: dict) -> np.ndarray:
     if len(spec["classes"]) == 2:
         p = output.reshape(-1)
         return np.stack([1 - p, p], axis=1)
-    return output
+    return output / output.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 +- 1e-7
 
 
 def answer(output: np.ndarray, spec: dict, with_probabilities: bool):
@@ -125,7 +125,9 @@ class TableModel(mlflow.pyfunc.PythonModel):
         import keras
 
         self.keras = keras
-        self.model = keras.saving.load_model(context.artifacts[KERAS_MODEL_ARTIFACT])
+        # Uncompiled: predictions need no loss or metrics (nor abalone's MacroF1 class).
+        self.model = keras.saving.load_model(context.artifacts[KERAS_MODEL_ARTIFACT],
+                                             compile=False)
         with open(context.artifacts[SPEC_ARTIFACT]) as f:
             self.spec = json.load(f)
 

@@ -189,6 +189,8 @@ def log_model(keras_path: Path, rows, predicted, spec_path: Path | None = None) 
         code, output, params = serving.__file__, predicted[:5].reshape(-1), None
     else:
         spec = json.loads(spec_path.read_text())
+        # Numbers as doubles: an integer column in the signature would refuse a null later.
+        sample = sample.astype({c: "float64" for c in spec["numeric"]})
         code, params = table_serving.__file__, {"probabilities": False}
         output = table_serving.answer(predicted[:5], spec, False)
         if spec["task"] != table_serving.REGRESSION:
