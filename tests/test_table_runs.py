@@ -1,0 +1,213 @@
+"""data=table with Keras: the task's head and metrics, the builder check, and (slow) the real CLI
+on scikit-learn's tables, the abalone file as a table, and a model builder of the user's own."""
+
+from __future__ import annotations
+
+import textwrap
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from abalone.config import ConfigError
+from conftest import TINY, run_cli
+from test_table import ABALONE_COLUMNS, frames
+
+MODEL = "abalone-tensorflow-model"
+
+
+def inputs_for(task: str, n_classes: int | None):
+    from abalone.model import TableInputs
+
+    return TableInputs(["c_a", "c_b"], np.zeros(2), np.ones(2), {"c_k": 4}, ["c_a__missing"],
+                       task, n_classes)
+
+
+@pytest.mark.parametrize("task, n_classes, units, activation", [
+    ("regression", None, 1, "linear"), ("classification", 2, 1, "sigmoid"),
+    ("classification", 3, 3, "softmax")])
+def test_the_head_fits_the_task(task, n_classes, units, activation):
+    from abalone.model import build_mlp, check_built
+
+    table = inputs_for(task, n_classes)
+    model = build_mlp(8, 1, 1.0, "relu", 0.0, False, table=table)
+    check_built(model, "abalone.model.build_mlp", table)
+    head = model.layers[-1]
+    assert head.units == units and head.activation.__name__ == activation
+    assert {t.name for t in model.inputs} == {"c_a", "c_b", "c_k", "c_a__missing"}
+
+
+def test_macro_f1_is_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    from abalone.model import MacroF1
+
+    rng = np.random.default_rng(0)
+    truth, output = rng.integers(0, 3, 200), rng.random((200, 3))
+    metric = MacroF1(3)
+    metric.update_state(truth[:120].reshape(-1, 1), output[:120])
+    metric.update_state(truth[120:].reshape(-1, 1), output[120:])
+    expected = f1_score(truth, output.argmax(axis=1), average="macro")
+    assert float(metric.result()) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_builder_breaking_the_contract_is_named_with_what_it_returned():
+    import keras
+
+    from abalone.model import check_built
+
+    table = inputs_for("classification", 3)
+    with pytest.raises(ConfigError, match=r"model builder my.build returned a builtins.str: "
+                                          r"'oops'"):
+        check_built("oops", "my.build", table)
+    inputs = table.inputs()
+    two = keras.Model(inputs, keras.layers.Dense(2)(table.features(inputs)))
+    with pytest.raises(ConfigError, match=r"my.build returned a model with output shape\(s\) "
+                                          r"\[\(None, 2\)\]; it must return .* 3 output"):
+        check_built(two, "my.build", table)
+    other = keras.Input(shape=(1,), name="height")
+    stranger = keras.Model(other, keras.layers.Dense(3)(other))
+    with pytest.raises(ConfigError, match=r"inputs \['height'\] the table has no column for"):
+        check_built(stranger, "my.build", table)
+
+
+# -- the real CLI ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def table_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tables")
+    for name, frame in frames().items():
+        frame.to_csv(root / f"{name}.csv", index=False)
+        frame.to_parquet(root / f"{name}.parquet")
+    return root
+
+
+def only_run(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("abalone-tensorflow-experiment")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, metrics, plots", [
+    ("wine.csv", {"test_log_loss", "test_accuracy", "test_f1"}, {"confusion_matrix.png"}),
+    ("cancer.parquet", {"test_log_loss", "test_accuracy", "test_f1", "test_auc"},
+     {"confusion_matrix.png", "roc_curve.png"}),
+    ("diabetes.csv", {"test_rmse", "test_mae", "test_r2"},
+     {"predicted_vs_actual.png", "residuals.png"}),
+])
+def test_a_table_run_is_tracked_registered_and_served_by_its_columns(
+        tmp_path, table_dir, monkeypatch, name, metrics, plots):
+    done = run_cli([*TINY, "data=table", f"data.path={table_dir / name}", "data.target=target"],
+                   cwd=tmp_path, data=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data.task: " in done.stdout + done.stderr
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert metrics <= set(run.data.metrics)
+    assert all(np.isfinite(run.data.metrics[k]) for k in metrics)
+    per_epoch = {f"val_{k[5:]}" for k in metrics} - {"val_r2"}  # r2: held-out rows only
+    assert per_epoch <= set(run.data.metrics)  # per epoch: a sweep's metric
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        f"plots/{p}" for p in {"learning_curves.png", *plots}}
+    logged = {[t.value for t in d.tags if t.key == "mlflow.data.context"][0]: d.dataset
+              for d in run.inputs.dataset_inputs}
+    assert set(logged) == {"training", "validation", "test"}
+    assert all(d.source and d.digest and "target" in d.schema for d in logged.values())
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
+    assert [c.name for c in model.metadata.signature.inputs] == [
+        c for c in frames()[name.split(".")[0]].columns if c != "target"]
+    rows = frames()[name.split(".")[0]].drop(columns="target").head(6)
+    predicted = model.predict(rows)
+    if "test_rmse" in metrics:
+        assert np.asarray(predicted).shape == (6,) and np.isfinite(predicted).all()
+    else:
+        classes = sorted(set(frames()[name.split(".")[0]]["target"]))
+        assert set(predicted) <= set(classes)
+        p = model.predict(rows, params={"probabilities": True})
+        assert list(p.columns) == [str(c) for c in classes]
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+        assert list(np.asarray(classes, dtype=object)[p.to_numpy().argmax(axis=1)]) == list(
+            predicted)
+    column = rows.columns[1]
+    bad = rows.astype({column: "float64"})
+    bad.iloc[2, 1] = np.nan  # data.missing=refuse
+    with pytest.raises(mlflow.exceptions.MlflowException,
+                       match=rf"1 of 6 rows .* row 2, column {column}: null/NaN"):
+        model.predict(bad)
+    # A value of the wrong type: MLflow's schema enforcement refuses it first, by column.
+    bad = rows.astype(object)
+    bad.iloc[2, 1] = "lots"
+    with pytest.raises(mlflow.exceptions.MlflowException, match=rf"column {column}"):
+        model.predict(bad)
+
+
+@pytest.mark.slow
+def test_the_abalone_file_as_a_table_gives_the_abalone_test_rmse(tmp_path, data_file):
+    args = ["trainer.epochs=20", "trainer.patience=0", "tracking.enabled=false"]
+    ours = run_cli(args, cwd=tmp_path, data=data_file)
+    as_table = run_cli([*args, "data=table", f"data.path={data_file}", "data.format=csv",
+                        "data.header=false", f"data.columns=[{','.join(ABALONE_COLUMNS)}]",
+                        "data.target=Rings"], cwd=tmp_path, data=None)
+    rmse = []
+    for done in (ours, as_table):
+        assert done.returncode == 0, done.stderr[-3000:]
+        line = [x for x in (done.stdout + done.stderr).splitlines() if "done:" in x][-1]
+        rmse.append(float(line.split("test rmse ")[1].split()[0]))
+    assert rmse[1] == pytest.approx(rmse[0], abs=0.02)
+    assert "data.task: regression (the target holds 28 distinct whole numbers" in (
+        as_table.stdout + as_table.stderr)
+
+
+BUILDER = '''
+import keras
+
+
+def build(width, *, table):
+    """A user's model: one hidden layer of `width` on the table's ready features."""
+    inputs = table.inputs()
+    hidden = keras.layers.Dense(width, activation="relu")(table.features(inputs))
+    return keras.Model(inputs, table.head(hidden))
+
+
+def broken(width, *, table):
+    return "a model, honestly"
+'''
+
+
+@pytest.mark.slow
+def test_a_model_builder_of_the_users_own(tmp_path, table_dir):
+    """As a new user would: a builder module and a config folder outside the package."""
+    (tmp_path / "mymodels.py").write_text(textwrap.dedent(BUILDER))
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "tiny.yaml").write_text("_target_: mymodels.build\n"
+                                                              "width: 16\n")
+    (tmp_path / "my_conf" / "model" / "broken.yaml").write_text("_target_: mymodels.broken\n"
+                                                                "width: 16\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}"}
+    table = ["data=table", f"data.path={table_dir / 'wine.csv'}", "data.target=target"]
+    done = run_cli(["--config-dir", "my_conf", *TINY, "model=tiny", "model.width=12", *table],
+                   cwd=tmp_path, data=None, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, run = only_run(tmp_path)
+    assert run.data.params["model.width"] == "12" and run.data.params["model"] == "tiny"
+    assert np.isfinite(run.data.metrics["test_accuracy"])
+
+    broken = run_cli(["--config-dir", "my_conf", *TINY, "model=broken", *table,
+                      "tracking.experiment=broken"], cwd=tmp_path, data=None, env=env)
+    assert broken.returncode == 1
+    assert ("error: model builder mymodels.broken returned a builtins.str: 'a model, honestly'"
+            in broken.stderr)
+    assert client.get_experiment_by_name("broken") is None or not client.search_runs(
+        [client.get_experiment_by_name("broken").experiment_id])
+
+    # The built-in options keep their schema: a misspelt key still fails while composing.
+    typo = run_cli(["--config-dir", "my_conf", "model=mlp", "model.widht=3"], cwd=tmp_path,
+                   data=None, env=env)
+    assert typo.returncode == 1 and "widht" in typo.stderr
