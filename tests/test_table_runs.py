@@ -207,6 +207,18 @@ def test_a_model_builder_of_the_users_own(tmp_path, table_dir):
     assert client.get_experiment_by_name("broken") is None or not client.search_runs(
         [client.get_experiment_by_name("broken").experiment_id])
 
+    # A sweep searches the builder's own key; the champion gate uses test_log_loss.
+    sweep = run_cli(["--config-dir", "my_conf", "-m", "sweep=quick", "model=tiny",
+                     "model.width=choice(4,32)", *table, "hydra.sweeper.metric=val_accuracy",
+                     "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2",
+                     "trainer.epochs=2", "tracking.experiment=swept"], cwd=tmp_path, data=None,
+                    env=env)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    experiment = client.get_experiment_by_name("swept").experiment_id
+    trials = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" in r.data.tags]
+    assert len(trials) == 2 and all(r.data.params["model.width"] in ("4", "32") for r in trials)
+    assert "as champion: there was no champion" in sweep.stdout + sweep.stderr
+
     # The built-in options keep their schema: a misspelt key still fails while composing.
     typo = run_cli(["--config-dir", "my_conf", "model=mlp", "model.widht=3"], cwd=tmp_path,
                    data=None, env=env)

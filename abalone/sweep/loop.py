@@ -25,7 +25,7 @@ from hydra.core.utils import JobStatus
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from abalone import data, tracking
+from abalone import dataset, tracking
 from abalone.config import AbaloneError, ConfigError, check_ranges
 from abalone.sweep import coordinator, objectives, report, slots, space
 from abalone.sweep.algorithms import make_pruner, make_sampler
@@ -79,7 +79,7 @@ class Sweep:
         base = self.hydra_context.config_loader.load_sweep_config(self.config,
                                                                   list(self.plan.fixed))
         check_ranges(base)
-        data.load(data.resolve_path(base.data))
+        dataset.load(base.data)  # a bad table fails before any trial, naming where
         self.tracking_cfg = base.tracking
         self.workers_choice, self.workers = coordinator.make_workers(self, base)
         storage = make_storage(s.storage, s.storage_password_secret, s.stale_after)
