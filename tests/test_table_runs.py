@@ -223,3 +223,33 @@ def test_a_model_builder_of_the_users_own(tmp_path, table_dir):
     typo = run_cli(["--config-dir", "my_conf", "model=mlp", "model.widht=3"], cwd=tmp_path,
                    data=None, env=env)
     assert typo.returncode == 1 and "widht" in typo.stderr
+
+
+@pytest.mark.slow
+def test_a_classifier_trains_under_the_jax_backend():
+    """The table's inputs, heads and MacroF1 are Keras 3 only (a subprocess: one backend each)."""
+    import os
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import keras, numpy as np
+        assert keras.backend.backend() == "jax"
+        from abalone.model import TableInputs, build_mlp, compile_arguments
+        for n in (2, 3):
+            table = TableInputs(["c_a"], np.zeros(1), np.ones(1), {"c_k": 3}, [],
+                                "classification", n)
+            m = build_mlp(8, 1, 1.0, "relu", 0.0, False, table=table)
+            m.compile("adam", **compile_arguments(table))
+            rng = np.random.default_rng(0)
+            x = {"c_a": rng.random((32, 1), "float32"),
+                 "c_k": rng.integers(0, 3, (32, 1)).astype("int32")}
+            y = rng.integers(0, n, (32, 1)).astype("float32" if n == 2 else "int32")
+            h = m.fit(x, y, epochs=2, verbose=0, validation_data=(x, y))
+            assert all(np.isfinite(h.history["val_f1"])), h.history
+        print("jax ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "jax ok" in done.stdout
