@@ -253,3 +253,86 @@ def test_a_classifier_trains_under_the_jax_backend():
                           env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "jax ok" in done.stdout
+
+
+def wine_with_regions(missing: bool) -> pd.DataFrame:
+    """The wine table with a categorical column (alcohol band) and, if asked, missing values."""
+    frame = frames()["wine"].copy()
+    frame.insert(0, "region", pd.qcut(frame["alcohol"], 3, labels=["low", "mid", "high"])
+                 .astype(str))
+    if missing:
+        frame.loc[frame.index[::17], "magnesium"] = np.nan
+        frame.loc[frame.index[5::23], "region"] = None
+    return frame
+
+
+@pytest.mark.slow
+def test_a_table_model_served_over_http(tmp_path):
+    """`mlflow models serve` of a table's model: labels, probabilities by param, an unknown
+    category in its out-of-vocabulary slot, a refused value named by row and column (HTTP 400)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port, wait_for_http
+    from test_serving import post
+
+    wine_with_regions(False).to_csv(tmp_path / "wine.csv", index=False)
+    done = run_cli([*TINY, "data=table", "data.path=wine.csv", "data.target=target"],
+                   cwd=tmp_path, data=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    port, tracking_uri = free_port(), f"sqlite:///{tmp_path}/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}/1",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, "MLFLOW_TRACKING_URI": tracking_uri})
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=240)
+        url = f"http://127.0.0.1:{port}/invocations"
+        rows = wine_with_regions(False).drop(columns="target").head(3)
+        rows.loc[rows.index[1], "region"] = "coastal"  # never seen in training
+        body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+        status, text = post(url, body)
+        assert status == 200, text
+        assert set(json.loads(text)["predictions"]) <= {0, 1, 2}
+        status, text = post(url, {**body, "params": {"probabilities": True}})
+        assert status == 200, text
+        p = pd.DataFrame(json.loads(text)["predictions"])
+        assert list(p.columns) == ["0", "1", "2"]
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+        body["dataframe_split"]["data"][2][2] = None  # malic_acid, with data.missing=refuse
+        status, text = post(url, body)
+        assert status == 400, text
+        assert f"row 2, column {rows.columns[2]}: null/NaN" in json.loads(text)["message"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_missing_values_imputed_in_training_and_serving(tmp_path, monkeypatch):
+    wine_with_regions(True).to_parquet(tmp_path / "wine.parquet")
+    refused = run_cli([*TINY, "data=table", "data.path=wine.parquet", "data.target=target",
+                       "tracking.enabled=false"], cwd=tmp_path, data=None)
+    assert refused.returncode == 1
+    assert "wine.parquet, column region, row 5: a missing value (8 in the column" in refused.stderr
+    done = run_cli([*TINY, "data=table", "data.path=wine.parquet", "data.target=target",
+                    "data.missing=impute"], cwd=tmp_path, data=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, run = only_run(tmp_path)
+    assert np.isfinite(run.data.metrics["test_log_loss"])
+    monkeypatch.chdir(tmp_path)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    spec = model.unwrap_python_model().spec  # table.json, as the served model reads it
+    assert set(spec["flagged"]) == {"magnesium", "region"}
+    rows = wine_with_regions(True).drop(columns="target").head(18)  # row 0 and 17: no magnesium
+    predicted = model.predict(rows)
+    assert len(predicted) == 18 and set(predicted) <= {0, 1, 2}
+
