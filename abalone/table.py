@@ -170,7 +170,7 @@ def infer_task(y: pd.Series, asked) -> tuple[str, str]:
 
 
 def _check_missing(frame: pd.DataFrame, features: list[str], cfg, where) -> None:
-    refused = [cfg.target] + (features if cfg.missing.value == "refuse" else [])
+    refused = [cfg.target] + (features if _missing(cfg) == "refuse" else [])
     for c in refused:
         missing = frame[c].isna()
         if missing.any():
@@ -178,6 +178,10 @@ def _check_missing(frame: pd.DataFrame, features: list[str], cfg, where) -> None
                    "data.missing=refuse; data.missing=impute fills it in and flags it")
             raise DataError(f"{where(missing.idxmax(), c)}: a missing value "
                             f"({int(missing.sum())} in the column; {how})")
+
+
+def _missing(cfg) -> str:
+    return getattr(cfg.missing, "value", str(cfg.missing))  # the enum, or a plain config's str
 
 
 def _numbers(values: pd.Series, where, column: str, role: str) -> pd.Series:
@@ -224,7 +228,7 @@ def spec(train: pd.DataFrame, info: dict, cfg) -> dict:
     """What the model and the served model need to know of the table, from the training rows:
     the columns, normalisation statistics, vocabularies (index 0 is the out-of-vocabulary
     slot), the values that fill in a missing one, the classes."""
-    impute = cfg.missing.value == "impute"
+    impute = _missing(cfg) == "impute"
     numeric, categorical = info["numeric"], info["categorical"]
     vocab = {c: sorted(train[c].dropna().map(token).unique().tolist()) for c in categorical}
     fill = {c: float(train[c].mean()) for c in numeric}

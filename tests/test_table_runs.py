@@ -150,9 +150,15 @@ def test_a_table_run_is_tracked_registered_and_served_by_its_columns(
 
 @pytest.mark.slow
 def test_the_abalone_file_as_a_table_gives_the_abalone_test_rmse(tmp_path, data_file):
-    args = ["trainer.epochs=20", "trainer.patience=0", "tracking.enabled=false"]
+    args = ["trainer.epochs=20", "trainer.patience=0", "tracking.register=false"]
     ours = run_cli(args, cwd=tmp_path, data=data_file)
-    as_table = run_cli([*args, "data=table", f"data.path={data_file}", "data.format=csv",
+    # data=abalone logs its rows with MLflow's dataset tracking too.
+    _, run = only_run(tmp_path)
+    counts = {[t.value for t in d.tags if t.key == "mlflow.data.context"][0]:
+              __import__("json").loads(d.dataset.profile)["num_rows"]
+              for d in run.inputs.dataset_inputs}
+    assert counts == {"training": 2672, "validation": 669, "test": 836}
+    as_table = run_cli([*args, "tracking.enabled=false", "data=table", f"data.path={data_file}", "data.format=csv",
                         "data.header=false", f"data.columns=[{','.join(ABALONE_COLUMNS)}]",
                         "data.target=Rings"], cwd=tmp_path, data=None)
     rmse = []
@@ -336,3 +342,30 @@ def test_missing_values_imputed_in_training_and_serving(tmp_path, monkeypatch):
     predicted = model.predict(rows)
     assert len(predicted) == 18 and set(predicted) <= {0, 1, 2}
 
+
+
+class Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return [0] * len(model_input)
+
+
+def test_the_champion_gate_of_a_classifier_is_its_test_log_loss(tmp_path, monkeypatch):
+    from abalone.tracking.sweep_runs import register_champion
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    try:
+        client, said = MlflowClient(uri), []
+        for loss, accuracy in ((0.5, 0.8), (0.7, 0.9), (0.3, 0.7)):
+            with mlflow.start_run() as run:
+                info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
+            said.append(register_champion(client, "clf", run.info.run_id, info.model_uri,
+                                          {"test_log_loss": loss, "test_accuracy": accuracy}, {}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert said[0].endswith("as champion: there was no champion")
+    assert "its test_log_loss 0.7000 does not beat champion version 1 (0.5000)" in said[1]
+    assert "its test_log_loss 0.3000 beats version 1 (0.5000)" in said[2]
+    assert str(client.get_model_version_by_alias("clf", "champion").version) == "3"
