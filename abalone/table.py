@@ -244,5 +244,4 @@ def spec(train: pd.DataFrame, info: dict, cfg) -> dict:
         # Flags only for the columns the training rows miss values of.
         "flagged": [c for c in [*numeric, *categorical] if impute and train[c].isna().any()],
         "fill": fill,
-        "types": {c: ("number" if c in numeric else "string") for c in [*numeric, *categorical]},
     }
