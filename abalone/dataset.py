@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from abalone import data, serving, table, table_serving
 
@@ -78,6 +79,13 @@ class Dataset:
         return path
 
 
+@functools.lru_cache(maxsize=1)
+def _read_table(path: Path, mtime_ns: int, size: int, settings: str) -> tuple[pd.DataFrame, dict]:
+    """A sweep's trials in one process share one read and check of the unchanged table (the
+    splits copy its rows; nothing changes the frame)."""
+    return table.load(path, OmegaConf.create(settings))
+
+
 def load(data_cfg) -> Dataset:
     """Read, check and split the data `data_cfg` names; fail before training with where."""
     if "target" not in data_cfg:  # data=abalone
@@ -87,7 +95,9 @@ def load(data_cfg) -> Dataset:
         return Dataset(path, data.sha256_of(path), splits, data.TARGET,
                        feature_stats=(measurements.mean(axis=0), measurements.var(axis=0)))
     path = table.resolve(data_cfg)
-    frame, info = table.load(path, data_cfg)
+    stat = path.stat()
+    frame, info = _read_table(path, stat.st_mtime_ns, stat.st_size,
+                              OmegaConf.to_yaml(data_cfg, resolve=True))
     splits = table.split(frame, info, data_cfg, path)
     spec = table.spec(splits.train, info, data_cfg)
     return Dataset(path, data.sha256_of(path), splits, info["target"], spec)
