@@ -224,3 +224,27 @@ def test_relative_path_is_found_in_the_training_channel(tmp_path, monkeypatch):
     monkeypatch.setenv("SM_CHANNEL_TRAINING", str(tmp_path))
     monkeypatch.chdir(tmp_path.parent)
     assert table.resolve(config("t.csv", target="y")) == tmp_path / "t.csv"
+
+
+def test_s3_table_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    import boto3
+    from moto import mock_aws
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="tables")
+        s3.put_object(Bucket="tables", Key="dir/t.csv", Body=b"a,y\n1,2\n")
+        cfg = config("s3://tables/dir/t.csv", target="y", cache_dir=str(tmp_path))
+        path = table.resolve(cfg)
+        assert path.parent == tmp_path and path.name.endswith("-t.csv")
+        assert path.read_bytes() == b"a,y\n1,2\n"
+        s3.delete_object(Bucket="tables", Key="dir/t.csv")
+        assert table.resolve(cfg) == path  # from the cache
+        with pytest.raises(DataError, match=r"could not download data.path=s3://tables/gone.csv"):
+            table.resolve(config("s3://tables/gone.csv", target="y", cache_dir=str(tmp_path)))
