@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 UCI_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/abalone/abalone.data"
 UCI_SHA256 = "de37cdcdcaaa50c309d514f248f7c2302a5f1f88c168905eba23fe2fbc78449f"
@@ -71,6 +71,40 @@ class DataConfig:
     sha256: str = UCI_SHA256
     cache_dir: str = "~/.cache/abalone"
     # The holdout is the AWS sample's: train_test_split(test_size=0.2, random_state=42).
+    test_fraction: float = 0.2
+    holdout_seed: int = 42
+    val_fraction: float = 0.2  # of the rows left after the holdout
+    split_seed: int = 0
+
+
+class Task(str, Enum):
+    regression = "regression"
+    classification = "classification"
+
+
+class Missing(str, Enum):
+    refuse = "refuse"  # a missing value is an error naming its row and column
+    impute = "impute"  # the training rows' mean (numeric) or most frequent value, plus a flag
+
+
+@dataclass
+class TableDataConfig:
+    """data=table: any CSV or Parquet table (abalone/table.py reads and checks it)."""
+
+    path: str = MISSING  # a local file, s3://bucket/key or https://...; relative: also tried in
+    # the SageMaker training channel ($SM_CHANNEL_TRAINING)
+    format: Optional[str] = None  # csv or parquet; null: from the file's suffix
+    header: bool = True  # CSV: the first line names the columns
+    sep: str = ","  # CSV
+    columns: Optional[List[str]] = None  # names for a header-less CSV's columns
+    target: str = MISSING
+    features: Optional[List[str]] = None  # null: every other column
+    categorical: Optional[List[str]] = None  # null: string and boolean columns
+    task: Optional[Task] = None  # null: inferred from the target, with the reason printed
+    missing: Missing = Missing.refuse
+    max_categories: int = 100  # a categorical column with more distinct values is an error
+    sha256: Optional[str] = None  # checked when given; always recorded
+    cache_dir: str = "~/.cache/abalone/tables"  # where s3:// and https:// tables are downloaded
     test_fraction: float = 0.2
     holdout_seed: int = 42
     val_fraction: float = 0.2  # of the rows left after the holdout
@@ -165,9 +199,12 @@ class ContainerWorkersConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = MISSING
+    # The built-in options (conf/model/) take ModelConfig's typed schema (`mlp_schema` in their
+    # defaults); an option of a user's own names its builder and keys (docs/your-data.md).
+    model: Any = MISSING
     optimizer: OptimizerConfig = MISSING
-    data: DataConfig = field(default_factory=DataConfig)
+    # data=abalone (DataConfig) or data=table (TableDataConfig): each option names its schema.
+    data: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -176,6 +213,11 @@ class Config:
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
+# Outside the groups, so --help lists only the options; an option includes one with
+# `- /NAME@_here_` in its defaults.
+ConfigStore.instance().store(name="model_mlp_schema", node=ModelConfig)
+ConfigStore.instance().store(name="data_abalone_schema", node=DataConfig)
+ConfigStore.instance().store(name="data_table_schema", node=TableDataConfig)
 ConfigStore.instance().store(group="workers", name="local_schema", node=LocalWorkersConfig)
 ConfigStore.instance().store(group="workers", name="container_schema",
                              node=ContainerWorkersConfig)
@@ -191,10 +233,15 @@ def require(ok: bool, key: str, rule: str, value: Any) -> None:
 def check_ranges(cfg: Any) -> None:
     """Raise ConfigError naming the first key whose value is out of its range."""
     m, o, d, t, tr = cfg.model, cfg.optimizer, cfg.data, cfg.trainer, cfg.tracking
-    require(m.units >= 1, "model.units", ">= 1", m.units)
-    require(m.depth >= 1, "model.depth", ">= 1", m.depth)
-    require(m.taper > 0, "model.taper", "> 0", m.taper)
-    require(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    if OmegaConf.get_type(m) is ModelConfig:  # a user's own builder checks its own keys
+        require(m.units >= 1, "model.units", ">= 1", m.units)
+        require(m.depth >= 1, "model.depth", ">= 1", m.depth)
+        require(m.taper > 0, "model.taper", "> 0", m.taper)
+        require(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    else:
+        require(bool(m.get("_target_")), "model._target_", "the builder's dotted name", None)
+    if "max_categories" in d:
+        require(d.max_categories >= 2, "data.max_categories", ">= 2", d.max_categories)
     require(o.lr > 0, "optimizer.lr", "> 0", o.lr)
     require(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0", o.weight_decay)
     require(0 <= o.momentum < 1, "optimizer.momentum", "in [0, 1)", o.momentum)

@@ -1,44 +1,183 @@
 """Keras model and optimizer builders; conf/model and conf/optimizer name them as `_target_`.
 
-The model owns its preprocessing (normalisation with statistics of the training rows, Sex
-one-hot), so a saved model takes raw measurements. Keras 3 only: no TensorFlow imports, so the
+The model owns its preprocessing (normalisation with statistics of the training rows, one-hot
+categories: `TableInputs`), so a saved model takes raw values; its head, loss and metrics fit the
+task (`compile_arguments`). Keras 3 only: no TensorFlow imports, so the
 same code runs under KERAS_BACKEND=jax.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import keras
 import numpy as np
 from keras import layers
 
-from abalone.config import OptimizerName, Schedule
+from abalone.config import ConfigError, OptimizerName, Schedule
 from abalone.serving import NUMERIC_COLUMNS, SEX_VALUES
+from abalone.table_serving import REGRESSION, flag_name, input_name
 
 
 def hidden_widths(units: int, depth: int, taper: float) -> list[int]:
     return [max(1, round(units * taper**i)) for i in range(depth)]
 
 
-def build_regressor(units: int, depth: int, taper: float, activation: str, dropout: float,
-                    batch_norm: bool, *, feature_mean: np.ndarray,
-                    feature_variance: np.ndarray) -> keras.Model:
-    """An MLP on normalised measurements and one-hot Sex, with a linear Rings output."""
-    inputs = {"Sex": keras.Input(shape=(1,), dtype="int32", name="Sex")}
-    inputs.update({c: keras.Input(shape=(1,), dtype="float32", name=c) for c in NUMERIC_COLUMNS})
-    measurements = layers.Concatenate(name="measurements")([inputs[c] for c in NUMERIC_COLUMNS])
-    x = layers.Concatenate(name="features")([
-        layers.Normalization(mean=feature_mean, variance=feature_variance,
-                             name="normalise")(measurements),
-        layers.CategoryEncoding(num_tokens=len(SEX_VALUES), output_mode="one_hot",
-                                name="sex_one_hot")(inputs["Sex"]),
-    ])
+@dataclass
+class TableInputs:
+    """What a model builder is given as `table=` (the contract: docs/your-data.md): the model's
+    inputs by name, the statistics and vocabulary sizes of the training rows, the task. Its
+    `inputs`, `features` and `head` build the usual parts; a builder may use them or not."""
+
+    numeric: list[str]  # input names of numeric columns, float32 (rows, 1)
+    mean: np.ndarray  # of the numeric columns over the training rows
+    variance: np.ndarray
+    categorical: dict[str, int]  # input name -> indices it takes, int32 (rows, 1); 0: unknown
+    flags: list[str] = field(default_factory=list)  # 1.0 where a missing value was filled in
+    task: str = REGRESSION
+    n_classes: int | None = None  # classification: 2 or more
+    output_name: str = "output"
+
+    @property
+    def n_outputs(self) -> int:
+        """Units of the output: 1 (regression, or the positive class's probability), else one
+        probability per class."""
+        return 1 if self.task == REGRESSION or self.n_classes == 2 else self.n_classes
+
+    def inputs(self) -> dict:
+        found = {name: keras.Input(shape=(1,), dtype="int32", name=name)
+                 for name in self.categorical}
+        found.update({name: keras.Input(shape=(1,), dtype="float32", name=name)
+                      for name in [*self.numeric, *self.flags]})
+        return found
+
+    def features(self, inputs: dict):
+        """One float vector per row: normalised numbers, one-hot categories, missing flags."""
+        parts = []
+        if self.numeric:
+            numbers = (layers.Concatenate(name="measurements")([inputs[c] for c in self.numeric])
+                       if len(self.numeric) > 1 else inputs[self.numeric[0]])
+            parts.append(layers.Normalization(mean=self.mean, variance=self.variance,
+                                              name="normalise")(numbers))
+        parts += [layers.CategoryEncoding(num_tokens=n, output_mode="one_hot",
+                                          name=f"{c.lower()}_one_hot")(inputs[c])
+                  for c, n in self.categorical.items()]
+        parts += [inputs[c] for c in self.flags]
+        return layers.Concatenate(name="features")(parts) if len(parts) > 1 else parts[0]
+
+    def head(self, x):
+        activation = (None if self.task == REGRESSION else
+                      "sigmoid" if self.n_classes == 2 else "softmax")
+        return layers.Dense(self.n_outputs, activation=activation, name=self.output_name)(x)
+
+
+def abalone_inputs(feature_mean: np.ndarray, feature_variance: np.ndarray) -> TableInputs:
+    """data=abalone's inputs: seven measurements and Sex as its index in M, F, I."""
+    return TableInputs(list(NUMERIC_COLUMNS), feature_mean, feature_variance,
+                       {"Sex": len(SEX_VALUES)}, output_name="Rings")
+
+
+def table_inputs(spec: dict) -> TableInputs:
+    """data=table's inputs, from abalone/table.py's spec of the training rows."""
+    return TableInputs(
+        [input_name(c) for c in spec["numeric"]], np.asarray(spec["mean"]),
+        np.asarray(spec["variance"]),
+        {input_name(c): len(spec["vocabulary"][c]) + 1 for c in spec["categorical"]},
+        [flag_name(c) for c in spec["flagged"]], spec["task"],
+        len(spec["classes"]) if spec["classes"] else None, input_name(spec["target"]))
+
+
+def build_mlp(units: int, depth: int, taper: float, activation: str, dropout: float,
+              batch_norm: bool, *, table: TableInputs | None = None,
+              feature_mean: np.ndarray | None = None,
+              feature_variance: np.ndarray | None = None) -> keras.Model:
+    """An MLP on the table's features with the task's head; without `table`, on Abalone's
+    measurements (normalised with `feature_mean`, `feature_variance`) and one-hot Sex."""
+    table = table or abalone_inputs(feature_mean, feature_variance)
+    inputs = table.inputs()
+    x = table.features(inputs)
     for width in hidden_widths(units, depth, taper):
         x = layers.Dense(width, activation=activation)(x)
         if batch_norm:
             x = layers.BatchNormalization()(x)
         if dropout:
             x = layers.Dropout(dropout)(x)
-    return keras.Model(inputs, layers.Dense(1, name="Rings")(x), name="abalone_regressor")
+    name = "abalone_regressor" if table.output_name == "Rings" else f"table_{table.task}"
+    return keras.Model(inputs, table.head(x), name=name)
+
+
+build_regressor = build_mlp  # the name conf/model's options have always used
+
+
+def check_built(model, builder: str, table: TableInputs) -> None:
+    """A builder's model must be a keras.Model taking (some of) the table's inputs by name and
+    giving `table.n_outputs` values per row; else ConfigError naming the builder and what it
+    returned, before anything trains."""
+    def fail(what: str):
+        raise ConfigError(f"model builder {builder} returned {what}; it must return a "
+                          f"keras.Model on table.inputs() with {table.n_outputs} output(s) per "
+                          "row (docs/your-data.md)")
+
+    if not isinstance(model, keras.Model):
+        fail(f"a {type(model).__module__}.{type(model).__qualname__}: {str(model)[:80]!r}")
+    try:
+        names = {t.name for t in model.inputs}
+        shapes = [tuple(t.shape) for t in model.outputs]
+    except (AttributeError, ValueError):
+        fail("a model without defined inputs (build it with keras.Input / table.inputs())")
+    unknown = names - set(table.inputs())
+    if unknown:
+        fail(f"a model with inputs {sorted(unknown)} the table has no column for")
+    if len(shapes) != 1 or shapes[0][-1] != table.n_outputs:
+        fail(f"a model with output shape(s) {shapes}")
+
+
+def compile_arguments(table: TableInputs) -> dict:
+    """The task's loss and per-epoch metrics (each logged, val_ too, and a sweep's metric)."""
+    if table.task == REGRESSION:
+        return {"loss": "mse",
+                "metrics": [keras.metrics.RootMeanSquaredError(name="rmse"),
+                            keras.metrics.MeanAbsoluteError(name="mae")]}
+    binary = table.n_classes == 2
+    metrics = [keras.metrics.BinaryCrossentropy(name="log_loss") if binary else
+               keras.metrics.SparseCategoricalCrossentropy(name="log_loss"),
+               keras.metrics.BinaryAccuracy(name="accuracy") if binary else
+               keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+               MacroF1(table.n_classes)]
+    if binary:
+        metrics.append(keras.metrics.AUC(name="auc"))
+    return {"loss": "binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+            "metrics": metrics}
+
+
+class MacroF1(keras.metrics.Metric):
+    """F1 of each class, averaged (scikit-learn's f1_score(average="macro")), from a confusion
+    matrix summed over the epoch; Keras's own F1Score wants one-hot labels."""
+
+    def __init__(self, n_classes: int, name: str = "f1", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.n_classes = n_classes
+        self.confusion = self.add_variable(shape=(n_classes, n_classes), initializer="zeros",
+                                           name="confusion")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        ops = keras.ops
+        truth = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        guess = (ops.cast(ops.reshape(y_pred, (-1,)) > 0.5, "int32") if self.n_classes == 2
+                 else ops.argmax(y_pred, axis=-1))
+        self.confusion.assign_add(ops.matmul(
+            ops.transpose(ops.one_hot(truth, self.n_classes)), ops.one_hot(guess, self.n_classes)))
+
+    def result(self):
+        ops = keras.ops
+        both = ops.sum(self.confusion, axis=0) + ops.sum(self.confusion, axis=1)
+        return ops.mean(ops.divide_no_nan(2 * ops.diagonal(self.confusion), both))
+
+    def reset_state(self):
+        self.confusion.assign(keras.ops.zeros((self.n_classes, self.n_classes)))
+
+    def get_config(self):
+        return {**super().get_config(), "n_classes": self.n_classes}
 
 
 def build_optimizer(name: str, lr: float, weight_decay: float, momentum: float, schedule: str,

@@ -18,14 +18,15 @@ def save_config(cfg: DictConfig, output_dir: Path) -> Path:
 
 
 def save_files(cfg: DictConfig, model, history: dict, actual, predicted, output_dir: Path,
-               with_model: bool) -> tuple[Path, list[Path], Path | None]:
+               with_model: bool, task: str = "regression",
+               classes: list | None = None) -> tuple[Path, list[Path], Path | None]:
     """(config.yaml, the plots, model.keras): without `with_model` (a trial that is not the best
     so far) only config.yaml, since plots and model would cost most of a short trial's time and
     never be used."""
     config_path = save_config(cfg, output_dir)
     if not with_model:
         return config_path, [], None
-    plots = evaluate.save_plots(history, actual, predicted, output_dir / "plots")
+    plots = evaluate.save_plots(history, actual, predicted, output_dir / "plots", task, classes)
     keras_path = output_dir / "model.keras"
     model.save(keras_path)
     return config_path, plots, keras_path

@@ -28,10 +28,9 @@ from hydra.utils import instantiate
 from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
 
-from abalone import aws, data, evaluate, outputs, tracking
+from abalone import aws, data, dataset, evaluate, outputs, tracking
 from abalone.config import ConfigError, check_ranges
 from abalone.redact import redact
-from abalone.serving import NUMERIC_COLUMNS, model_inputs
 from abalone.trial import OBJECTIVE, TrialContext, kept_value
 
 log = logging.getLogger(__name__)
@@ -59,8 +58,7 @@ class RunResult:
 class Prepared:
     """What `prepare` readies: the data as the model takes it, the model, the tracking."""
 
-    data_path: Path
-    splits: data.Splits
+    data: dataset.Dataset
     x: dict[str, dict]  # train, val, test: the model's inputs
     y: dict[str, object]  # train, val, test: the targets
     model: object
@@ -97,23 +95,28 @@ def import_keras():
     return keras
 
 
-def build_model(cfg: DictConfig, splits, keras):
-    """The configured model, compiled, with normalisation statistics of the training rows."""
-    measurements = splits.train[list(NUMERIC_COLUMNS)].to_numpy("float64")
+def build_model(cfg: DictConfig, ds: dataset.Dataset, keras):
+    """The configured model, compiled, told of the table's training rows (`table=`, a
+    model.TableInputs), with the task's loss and metrics; a builder's result is checked."""
+    from abalone.model import check_built, compile_arguments
+
+    builder = cfg.model.get("_target_")
     try:
-        model = instantiate(cfg.model, feature_mean=measurements.mean(axis=0),
-                            feature_variance=measurements.var(axis=0))
-    except ValueError as err:  # e.g. an unknown activation name
-        raise ConfigError(f"config group model: {err}") from err
-    steps_per_epoch = -(-len(splits.train) // cfg.trainer.batch_size)
+        # A partial first: instantiate would turn a dataclass given as a keyword into a config.
+        model = instantiate(cfg.model, _partial_=True)(table=ds.table)
+    except (ValueError, TypeError) as err:  # an unknown activation; a builder's own signature
+        raise ConfigError(f"config group model: model builder {builder}: {err}") from err
+    except ImportError as err:
+        raise ConfigError(f"config group model: cannot import the builder {builder}: {err}"
+                          ) from err
+    check_built(model, builder, ds.table)
+    steps_per_epoch = -(-len(ds.splits.train) // cfg.trainer.batch_size)
     optimizer = instantiate(cfg.optimizer, steps_per_epoch=steps_per_epoch,
                             epochs=cfg.trainer.epochs)
     # One call into the compiled step function per epoch: Python round trips, not arithmetic,
     # dominate a network this small. Under TensorFlow, XLA's compile time outweighs its gain;
     # JAX without jit would run op by op.
-    model.compile(optimizer=optimizer, loss="mse",
-                  metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
-                           keras.metrics.MeanAbsoluteError(name="mae")],
+    model.compile(optimizer=optimizer, **compile_arguments(ds.table),
                   steps_per_execution=cfg.trainer.steps_per_execution or steps_per_epoch,
                   jit_compile=keras.backend.backend() != "tensorflow")
     return model
@@ -140,17 +143,16 @@ def model_properties(model, rows: dict, keras) -> dict[str, float]:
 def prepare(cfg: DictConfig) -> Prepared:
     """Everything that can fail before a run exists: ranges, data, tracking, S3, the model."""
     check_ranges(cfg)
-    data_path = data.resolve_path(cfg.data)
-    splits = data.split(data.load(data_path), cfg.data)
+    ds = dataset.load(cfg.data)
     experiment_id = tracking.connect(cfg.tracking) if cfg.tracking.enabled else None
     if cfg.output.s3_uri:
         aws.check_s3_output(cfg.output.s3_uri)
     keras = import_keras()
     keras.utils.set_random_seed(cfg.trainer.seed)
-    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
-    return Prepared(data_path, splits, {k: model_inputs(f) for k, f in parts.items()},
-                    {k: data.target(f) for k, f in parts.items()},
-                    build_model(cfg, splits, keras), keras, experiment_id)
+    parts = {"train": ds.splits.train, "val": ds.splits.val, "test": ds.splits.test}
+    return Prepared(ds, {k: ds.inputs(f, k) for k, f in parts.items()},
+                    {k: ds.targets(f) for k, f in parts.items()},
+                    build_model(cfg, ds, keras), keras, experiment_id)
 
 
 def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
@@ -197,10 +199,11 @@ def evaluate_run(ready: Prepared, history: dict, kept: int, fit_seconds: float,
     keras, model = ready.keras, ready.model
     # A direct call: model.predict would trace yet another function for a single batch.
     predicted = keras.ops.convert_to_numpy(model(ready.x["test"], training=False))
-    metrics = evaluate.regression_metrics(ready.y["test"], predicted, "test")
-    metrics.update(evaluate.regression_metrics(
-        ready.y["val"], keras.ops.convert_to_numpy(model(ready.x["val"], training=False)),
-        "best_val"))
+    task, classes = ready.data.task, (ready.data.spec or {}).get("classes")
+    metrics = evaluate.held_out_metrics(task, ready.y["test"], predicted, "test", classes)
+    metrics.update(evaluate.held_out_metrics(
+        task, ready.y["val"], keras.ops.convert_to_numpy(model(ready.x["val"], training=False)),
+        "best_val", classes))
     metrics.update(model_properties(model, ready.x["test"], keras))
     result = RunResult(run.run_id, ready.experiment_id, metrics, len(history["loss"]),
                        fit_seconds)
@@ -224,7 +227,8 @@ def record(cfg: DictConfig, ready: Prepared, history: dict, result: RunResult, p
     """The run's folder, its upload to output.s3_uri, and in MLflow its held-out metrics, files
     and pyfunc model; outside sweeps the model is registered."""
     config_path, plots, keras_path = outputs.save_files(
-        cfg, ready.model, history, ready.y["test"], predicted, output_dir, result.logs_model)
+        cfg, ready.model, history, ready.y["test"], predicted, output_dir, result.logs_model,
+        ready.data.task, (ready.data.spec or {}).get("classes"))
     if cfg.output.s3_uri:
         result.s3_location = aws.upload_folder(output_dir, cfg.output.s3_uri,
                                                result.run_id or output_dir.name)
@@ -245,7 +249,8 @@ def record(cfg: DictConfig, ready: Prepared, history: dict, result: RunResult, p
         mlflow.log_artifact(str(plot), artifact_path="plots")
     if keras_path is None:
         return
-    model_uri = tracking.log_model(keras_path, ready.splits.test, predicted)
+    model_uri = tracking.log_model(keras_path, ready.data.splits.test[ready.data.columns],
+                                   predicted, ready.data.save_spec(output_dir))
     if trial:
         trial.trial.set_user_attr("mlflow_model_uri", model_uri)
     elif cfg.tracking.register:
@@ -290,7 +295,7 @@ def open_run(cfg: DictConfig, ready: Prepared, history: dict, output_dir: Path,
     interrupted = trial.interrupted if trial else None
     if ready.experiment_id is None:
         return tracking.TrackedRun(None, interrupted=interrupted)
-    tags = tracking.run_tags(ready.data_path, data.sha256_of(ready.data_path))
+    tags = tracking.run_tags(ready.data.path, ready.data.sha256)
     params = {**tracking.flat_params(cfg), **choices}
     run_name = cfg.tracking.run_name
     if trial:
@@ -320,6 +325,9 @@ def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None =
             elif run.run_id:
                 log.info("MLflow run %s in experiment %r at %s", run.run_id,
                          cfg.tracking.experiment, redact(mlflow.get_tracking_uri()))
+            if run.run_id:
+                tracking.log_datasets(ready.data.splits, ready.data.path, ready.data.sha256,
+                                      ready.data.target)
             kept, fit_seconds = fit(cfg, ready, run, history, trial)
             result, predicted = evaluate_run(ready, history.history, kept, fit_seconds, run,
                                              trial)

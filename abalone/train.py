@@ -40,9 +40,10 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 def _summary(cfg: DictConfig, result, output_dir: Path) -> None:
     from abalone.tracking import where_to_look
 
-    m = result.metrics
-    log.info("done: %d epochs in %.1fs; test rmse %.4f  mae %.4f  r2 %.4f", result.epochs_run,
-             result.fit_seconds, m["test_rmse"], m["test_mae"], m["test_r2"])
+    held_out = "  ".join(f"{k[5:]} {v:.4f}" for k, v in result.metrics.items()
+                         if k.startswith("test_"))
+    log.info("done: %d epochs in %.1fs; test %s", result.epochs_run, result.fit_seconds,
+             held_out)
     log.info("outputs: %s", output_dir)
     if result.run_id:
         log.info("MLflow run id: %s", result.run_id)
@@ -91,7 +92,8 @@ def main(cfg: DictConfig) -> float | dict[str, float] | None:
     if trial:
         return result.measured
     _summary(cfg, result, output_dir)
-    return result.metrics["best_val_rmse"]
+    # The task's primary metric: best_val_rmse, or best_val_log_loss when classifying.
+    return result.metrics.get("best_val_rmse", result.metrics.get("best_val_log_loss"))
 
 
 if __name__ == "__main__":

@@ -244,6 +244,8 @@ def test_samplers_are_seeded_per_rank_and_refuse_what_they_cannot_sample():
       "metric": ["val_rmse", "params_count"]}, "names 2 metric(s) but"),
     ({"params": {"model": "choice(wide, deep)"}, "n_trials": 2, "metric": "test_rmse"},
      "must be a validation metric"),
+    ({"params": {"model": "choice(wide, deep)"}, "n_trials": 2, "metric": "val_accuracy"},
+     "val_accuracy is better higher: set hydra.sweeper.direction=maximize"),
     ({"params": {"model": "choice(wide, deep)"}, "n_trials": 2,
       "stop": {"rule": "no_improvement", "patience": 0}}, "stop.patience must be >= 1"),
     ({"params": {"model": "choice(wide, deep)"}, "sampler": {"name": "grid"},

@@ -25,7 +25,7 @@ from hydra.core.utils import JobStatus
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from abalone import data, tracking
+from abalone import dataset, tracking
 from abalone.config import AbaloneError, ConfigError, check_ranges
 from abalone.sweep import coordinator, launchers, objectives, report, slots, space
 from abalone.sweep.algorithms import make_pruner, make_sampler
@@ -81,7 +81,7 @@ class Sweep:
         base = self.hydra_context.config_loader.load_sweep_config(self.config,
                                                                   list(self.plan.fixed))
         check_ranges(base)
-        data.load(data.resolve_path(base.data))
+        dataset.load(base.data)  # a bad table fails before any trial, naming where
         self.tracking_cfg = base.tracking
         # Before the study and the parent run: a launcher we cannot drive is refused first.
         self.launcher_kind = launchers.check_launcher(self.launcher, self.config.hydra.launcher,

@@ -18,6 +18,8 @@ from abalone.trial import MEASURED
 
 # Study user attribute set when the stop rule ends the study: reason, n_trials, after_trial.
 STOPPED = "stopped"
+# Classification's per-epoch metrics a sweep maximises (log_loss, rmse, mae: minimised).
+HIGHER_IS_BETTER = ("accuracy", "auc", "f1")
 
 
 @dataclass(frozen=True)

@@ -112,10 +112,13 @@ def _objectives(s: DictConfig) -> tuple[list[str], list[str]]:
                           "direction per metric")
     for metric in metrics:
         objectives.check_measure(metric, "hydra.sweeper.metric")
-    for direction in directions:
+    for metric, direction in zip(metrics, directions):
         if direction not in ("minimize", "maximize"):
             raise ConfigError(f"hydra.sweeper.direction must be minimize or maximize, got "
                               f"{direction!r}")
+        if metric.removeprefix("val_") in objectives.HIGHER_IS_BETTER and direction != "maximize":
+            raise ConfigError(f"hydra.sweeper.metric={metric} is better higher: set "
+                              "hydra.sweeper.direction=maximize for it")
     return metrics, directions
 
 

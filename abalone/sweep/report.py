@@ -110,9 +110,9 @@ def finish(sweep) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(f"trials_{key.lower()}", count, now, 0) for key, count in tally.items()]
     metrics.append(Metric(BEST_OBJECTIVE, champion.values[0], now, slots.finished_count(study)))
-    if "test_rmse" in champion_run.data.metrics:
-        metrics.append(Metric("best_trial_test_rmse", champion_run.data.metrics["test_rmse"],
-                              now, 0))
+    for key in ("test_rmse", "test_log_loss"):  # the task's primary held-out metric
+        if key in champion_run.data.metrics:
+            metrics.append(Metric(f"best_trial_{key}", champion_run.data.metrics[key], now, 0))
     tags = [RunTag("best.trial_number", str(champion.number)), RunTag("best.run_id", run_id)]
     tags += [RunTag(f"best.params.{k}", str(v)) for k, v in champion.params.items()]
     out_dir = sweep.sweep_dir / "optuna"

@@ -3,8 +3,8 @@
 into MLflow's private code."""
 
 from abalone.tracking.connection import OUTAGE, TrackingError, connect
-from abalone.tracking.runs import (TrackedRun, flat_params, log_model, register, run_tags,
-                                   where_to_look)
+from abalone.tracking.runs import (TrackedRun, flat_params, log_datasets, log_model, register,
+                                   run_tags, where_to_look)
 
-__all__ = ["OUTAGE", "TrackedRun", "TrackingError", "connect", "flat_params", "log_model",
+__all__ = ["OUTAGE", "TrackedRun", "TrackingError", "connect", "flat_params", "log_datasets", "log_model",
            "register", "run_tags", "where_to_look"]

@@ -178,17 +178,52 @@ def model_requirements() -> list[str]:
     return pins
 
 
-def log_model(keras_path: Path, rows, predicted) -> str:
-    """Log the pyfunc model (abalone/serving.py around the saved Keras model); return its URI."""
-    from abalone import serving
+def log_model(keras_path: Path, rows, predicted, spec_path: Path | None = None) -> str:
+    """Log the pyfunc model around the saved Keras model: abalone/serving.py, or with a table's
+    `spec_path` (table.json) abalone/table_serving.py; return its URI. The signature and input
+    example are the raw columns of `rows`."""
+    import json
 
-    sample = rows[list(serving.FEATURE_COLUMNS)].head(5).reset_index(drop=True)
+    from abalone import serving, table_serving
+
+    sample = rows.head(5).reset_index(drop=True)
+    artifacts = {serving.KERAS_MODEL_ARTIFACT: str(keras_path)}
+    if spec_path is None:
+        code, output, params = serving.__file__, predicted[:5].reshape(-1), None
+    else:
+        spec = json.loads(spec_path.read_text())
+        # Numbers as doubles: an integer column in the signature would refuse a null later.
+        sample = sample.astype({c: "float64" for c in spec["numeric"]})
+        code, params = table_serving.__file__, {"probabilities": False}
+        output = table_serving.answer(predicted[:5], spec, False)
+        if spec["task"] != table_serving.REGRESSION:
+            output = output.tolist()  # labels of any type
+        artifacts[table_serving.SPEC_ARTIFACT] = str(spec_path)
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=serving.__file__,
-        artifacts={serving.KERAS_MODEL_ARTIFACT: str(keras_path)},
-        signature=mlflow.models.infer_signature(sample, predicted[:5].reshape(-1)),
+        name="model", python_model=code, artifacts=artifacts,
+        signature=mlflow.models.infer_signature(sample, output, params=params),
         input_example=sample, pip_requirements=model_requirements())
     return info.model_uri
+
+
+def log_datasets(splits, source: Path, sha256: str, target: str) -> None:
+    """MLflow's dataset tracking: the training, validation and test rows as the run's inputs
+    (source, digest, schema, row counts), shown in the UI's Datasets column."""
+    import warnings
+
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for context, frame in (("training", splits.train), ("validation", splits.val),
+                           ("test", splits.test)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MLflow's note on integer columns without nulls
+            dataset = mlflow.data.from_pandas(frame.reset_index(drop=True), source=str(source),
+                                              targets=target, name=f"{source.name}:{context}")
+            entity = dataset._to_mlflow_entity()  # the schema is inferred here
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context),
+                                                 InputTag("file.sha256", sha256)]))
+    mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id, datasets=inputs)
 
 
 def register(model_uri: str, name: str, run_id: str, metrics: dict[str, float],

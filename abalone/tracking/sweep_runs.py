@@ -119,8 +119,10 @@ def save_pareto_table(front, metrics: list[str], path: Path) -> Path:
 
 def register_champion(client, name: str, run_id: str, model_uri: str,
                       metrics: dict[str, float], tags: dict[str, str]) -> str:
-    """Register the run's model (once) and give it the `champion` alias only if its test_rmse
+    """Register the run's model (once) and give it the `champion` alias only if its task's
+    primary held-out metric (test_rmse; test_log_loss when classifying; both lower is better)
     beats the current champion's; return what was done and why."""
+    gate = "test_log_loss" if "test_log_loss" in metrics else "test_rmse"
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     version = existing[0] if existing else register(model_uri, name, run_id, metrics, tags)
     what = f"{name} version {version.version} (run {run_id})"
@@ -129,16 +131,16 @@ def register_champion(client, name: str, run_id: str, model_uri: str,
         champion = client.get_model_version_by_alias(name, "champion")
     except mlflow.exceptions.MlflowException:
         champion = None
-    new = metrics.get("test_rmse", float("inf"))
+    new = metrics.get(gate, float("inf"))
     if champion is not None and str(champion.version) == str(version.version):
         return f"{what}; it is already the champion"
     if champion is not None:
-        old = float(champion.tags.get("test_rmse")
-                    or client.get_run(champion.run_id).data.metrics.get("test_rmse", "inf"))
+        old = float(champion.tags.get(gate)
+                    or client.get_run(champion.run_id).data.metrics.get(gate, "inf"))
         if not new < old:
-            return (f"{what} without the champion alias: its test_rmse {new:.4f} does not beat "
+            return (f"{what} without the champion alias: its {gate} {new:.4f} does not beat "
                     f"champion version {champion.version} ({old:.4f})")
-        reason = f"its test_rmse {new:.4f} beats version {champion.version} ({old:.4f})"
+        reason = f"its {gate} {new:.4f} beats version {champion.version} ({old:.4f})"
     else:
         reason = "there was no champion"
     client.set_registered_model_alias(name, "champion", str(version.version))

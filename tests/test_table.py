@@ -1,0 +1,250 @@
+"""data=table without Keras: real tables scikit-learn ships (diabetes, breast cancer, wine) written
+to CSV and Parquet, read, checked (errors name file, line and column, or column and row), split
+(stratified when classifying) and encoded for the model and the served model."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
+from sklearn import datasets
+
+from abalone import dataset, table
+from abalone.config import TableDataConfig
+from abalone.data import DataError
+from abalone.table_serving import encode, flag_name, input_name
+
+ABALONE_COLUMNS = ["Sex", "Length", "Diameter", "Height", "Whole_weight", "Shucked_weight",
+                   "Viscera_weight", "Shell_weight", "Rings"]
+
+
+def frames() -> dict[str, pd.DataFrame]:
+    """The three tables, target column `target`; the cancer labels as their names."""
+    cancer = datasets.load_breast_cancer(as_frame=True)
+    frame = cancer.frame.copy()
+    frame["target"] = frame["target"].map(dict(enumerate(cancer.target_names)))
+    return {"diabetes": datasets.load_diabetes(as_frame=True, scaled=False).frame,
+            "cancer": frame, "wine": datasets.load_wine(as_frame=True).frame}
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("tables")
+    paths = {}
+    for name, frame in frames().items():
+        frame.to_csv(root / f"{name}.csv", index=False)
+        frame.to_parquet(root / f"{name}.parquet")
+        paths[name] = root
+    return root
+
+
+def config(path, **keys):
+    return OmegaConf.merge(OmegaConf.structured(TableDataConfig),
+                           {"path": str(path), "target": "target", **keys})
+
+
+@pytest.mark.parametrize("name, task, classes, words", [
+    ("diabetes", "regression", None, "distinct whole numbers (> 20)"),
+    ("cancer", "classification", ["benign", "malignant"], "non-numeric"),
+    ("wine", "classification", [0, 1, 2], "3 distinct whole numbers"),
+])
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_real_tables_load_with_the_task_inferred_and_why(tables, name, task, classes, words,
+                                                         suffix, caplog):
+    caplog.set_level("INFO", logger="abalone")
+    ds = dataset.load(config(tables / f"{name}.{suffix}"))
+    assert ds.task == task and ds.spec["classes"] == classes
+    assert words in caplog.text and f"data.task: {task}" in caplog.text
+    rows = len(frames()[name])
+    assert len(ds.splits.train) + len(ds.splits.val) + len(ds.splits.test) == rows
+    assert len(ds.splits.test) == pytest.approx(0.2 * rows, abs=1)
+    assert ds.spec["numeric"] == [c for c in frames()[name].columns if c != "target"]
+    # Statistics of the training rows only.
+    train = ds.splits.train[ds.spec["numeric"]].to_numpy("float64")
+    np.testing.assert_allclose(ds.spec["mean"], train.mean(axis=0))
+    y = ds.targets(ds.splits.test)
+    assert y.shape == (len(ds.splits.test), 1)
+    if classes:
+        assert set(np.ravel(y)) == set(range(len(classes)))
+
+
+def test_classification_splits_are_stratified(tables):
+    ds = dataset.load(config(tables / "wine.csv"))
+    whole = frames()["wine"]["target"].value_counts(normalize=True).sort_index()
+    for part in (ds.splits.train, ds.splits.val, ds.splits.test):
+        share = part["target"].value_counts(normalize=True).sort_index()
+        np.testing.assert_allclose(share, whole, atol=0.04)
+
+
+def test_the_task_may_be_set(tables):
+    ds = dataset.load(config(tables / "wine.csv", task="regression"))
+    assert ds.task == "regression" and ds.spec["classes"] is None
+
+
+def test_abalone_file_through_data_table_gives_the_abalone_splits(data_file):
+    cfg = config(data_file, format="csv", header=False, columns=ABALONE_COLUMNS, target="Rings")
+    ds, ours = dataset.load(cfg), dataset.load(OmegaConf.create(
+        {"path": str(data_file), "url": "", "sha256": "", "cache_dir": "", "test_fraction": 0.2,
+         "holdout_seed": 42, "val_fraction": 0.2, "split_seed": 0}))
+    assert ds.task == "regression" and ds.spec["categorical"] == ["Sex"]
+    assert ds.spec["vocabulary"]["Sex"] == ["F", "I", "M"]
+    for part in ("train", "val", "test"):
+        ours_rows = getattr(ours.splits, part)
+        np.testing.assert_array_equal(getattr(ds.splits, part)["Rings"].to_numpy(),
+                                      ours_rows["Rings"].to_numpy())
+        # CSV rows are indexed by their line in the file.
+        assert (getattr(ds.splits, part).index.to_numpy() == ours_rows.index.to_numpy() + 1).all()
+
+
+def write_csv(tmp_path, text: str):
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, keys, words", [
+    ("a,b,y\n1,2,3\n", {"target": "z"}, "data.target='z' is not a column"),
+    ("a,b,y\n1,2,3\n", {"target": "y", "features": ["a", "c"]}, "['c'], which are not columns"),
+    ("a,b,y\n1,2,x\n3,4,x\n", {"target": "y"}, "the target has one class, 'x', in all 2 rows"),
+    ("a,b,y\n1,2,3.5\n1,2,oops\n", {"target": "y", "task": "regression"},
+     "line 3, column 3 (y): 'oops' is not a finite number"),
+    ("a,b,y\n1,2,3.5\n1,,4.5\n", {"target": "y"},
+     "line 3, column 2 (b): a missing value (1 in the column; data.missing=refuse"),
+    ("a,b,y\n1,2,3.5\n1,2,\n", {"target": "y", "missing": "impute"},
+     "line 3, column 3 (y): a missing value (1 in the column; the target is never imputed"),
+    ("a,c,y\n1,p,1.5\n2,q,2.5\n3,r,3.5\n", {"target": "y", "max_categories": 2},
+     "line 4, column 2 (c): more than data.max_categories=2 distinct values (3)"),
+    ("a,b,y\n1,2,1.5\n1,inf,2.5\n", {"target": "y"},
+     "line 3, column 2 (b): inf is not a finite number"),
+])
+def test_bad_tables_fail_naming_file_line_and_column(tmp_path, text, keys, words):
+    path = write_csv(tmp_path, text)
+    with pytest.raises(DataError) as info:
+        dataset.load(config(path, **keys))
+    assert str(path) in str(info.value) and words in str(info.value)
+
+
+def test_bad_parquet_names_column_and_row(tmp_path):
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"a": [1.0, None, 3.0], "y": [1.5, 2.5, 3.5]}).to_parquet(path)
+    with pytest.raises(DataError, match=r"t.parquet, column a, row 1: a missing value"):
+        dataset.load(config(path, target="y"))
+
+
+def test_a_split_that_cannot_be_made_is_an_error(tmp_path):
+    rows = "".join(f"{i},{'b' if i == 9 else 'a'}\n" for i in range(10))
+    with pytest.raises(DataError, match=r"the rarest class, 'b', has 1 rows"):
+        dataset.load(config(write_csv(tmp_path, "x,y\n" + rows), target="y"))
+    with pytest.raises(DataError, match=r"cannot make the val split with data.val_fraction"):
+        dataset.load(config(write_csv(tmp_path, "x,y\n1,1.5\n2,2.5\n"), target="y"))
+
+
+def test_unknown_suffix_asks_for_the_format(tmp_path):
+    path = tmp_path / "t.data"
+    path.write_text("a,y\n1,2\n")
+    with pytest.raises(DataError, match="set data.format=csv or data.format=parquet"):
+        dataset.load(config(path, target="y"))
+
+
+def mixed_table(tmp_path, missing: bool):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"size": rng.normal(10, 2, 60), "colour": rng.choice(["red", "blue"], 60),
+                          "y": rng.normal(0, 1, 60)})
+    if missing:
+        frame.loc[[3, 20, 40], "size"] = np.nan
+        frame.loc[[5, 30], "colour"] = None
+    path = tmp_path / "mixed.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_impute_fills_with_training_statistics_and_flags(tmp_path):
+    ds = dataset.load(config(mixed_table(tmp_path, True), target="y", missing="impute"))
+    spec = ds.spec
+    train = ds.splits.train
+    assert spec["fill"]["size"] == pytest.approx(train["size"].mean())
+    assert spec["fill"]["colour"] == train["colour"].mode().iloc[0]
+    rows = pd.DataFrame({"size": [None, 12.0], "colour": [None, "green"]})
+    inputs, oov = encode(rows, spec)
+    flags = {flag_name(c) for c in spec["flagged"]}
+    assert {flag_name("size")} <= flags
+    assert inputs[input_name("size")].ravel()[0] == pytest.approx(spec["fill"]["size"])
+    assert inputs[flag_name("size")].ravel().tolist() == [1.0, 0.0]
+    fill_index = spec["vocabulary"]["colour"].index(spec["fill"]["colour"]) + 1
+    assert inputs[input_name("colour")].ravel().tolist() == [fill_index, 0]  # green: unknown
+    assert oov == {"colour": 1}
+
+
+def test_refused_rows_are_named_by_row_and_column(tmp_path):
+    spec = dataset.load(config(mixed_table(tmp_path, False), target="y")).spec
+    rows = pd.DataFrame({"size": [1.0, "big", None], "colour": ["red", None, "blue"]})
+    with pytest.raises(MlflowException) as info:
+        encode(rows, spec)
+    message = info.value.message
+    assert "2 of 3 rows" in message
+    assert "row 1, column size: 'big' (allowed: a finite number)" in message
+    assert "row 1, column colour: null/NaN" in message
+    assert "row 2, column size: null/NaN" in message
+    with pytest.raises(MlflowException, match=r"missing the columns \['colour'\]"):
+        encode(rows[["size"]], spec)
+
+
+def test_https_table_is_downloaded_once_and_checked(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    text = "a,y\n1,1.5\n2,2.5\n3,3.5\n4,4.5\n5,5.5\n6,6.5\n7,7.5\n8,8.5\n9,9.5\n10,1.5\n"
+    (root / "t.csv").write_text(text)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/t.csv"
+    try:
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        cfg = config(url, target="y", sha256=digest, cache_dir=str(tmp_path / "cache"))
+        ds = dataset.load(cfg)
+        assert ds.sha256 == digest and ds.path.parent == tmp_path / "cache"
+        with pytest.raises(DataError, match="but data.sha256 is 00"):
+            table.resolve(config(url, target="y", sha256="00" * 32,
+                                 cache_dir=str(tmp_path / "cache")))
+        (root / "t.csv").unlink()  # the cached copy is used from now on
+        assert dataset.load(cfg).path == ds.path
+    finally:
+        server.shutdown()
+
+
+def test_relative_path_is_found_in_the_training_channel(tmp_path, monkeypatch):
+    (tmp_path / "t.csv").write_text("a,y\n1,2\n")
+    monkeypatch.setenv("SM_CHANNEL_TRAINING", str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    assert table.resolve(config("t.csv", target="y")) == tmp_path / "t.csv"
+
+
+def test_s3_table_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    import boto3
+    from moto import mock_aws
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="tables")
+        s3.put_object(Bucket="tables", Key="dir/t.csv", Body=b"a,y\n1,2\n")
+        cfg = config("s3://tables/dir/t.csv", target="y", cache_dir=str(tmp_path))
+        path = table.resolve(cfg)
+        assert path.parent == tmp_path and path.name.endswith("-t.csv")
+        assert path.read_bytes() == b"a,y\n1,2\n"
+        s3.delete_object(Bucket="tables", Key="dir/t.csv")
+        assert table.resolve(cfg) == path  # from the cache
+        with pytest.raises(DataError, match=r"could not download data.path=s3://tables/gone.csv"):
+            table.resolve(config("s3://tables/gone.csv", target="y", cache_dir=str(tmp_path)))
