@@ -349,6 +349,7 @@ class Constant(mlflow.pyfunc.PythonModel):
         return [0] * len(model_input)
 
 
+@pytest.mark.slow  # logging a pyfunc model starts a Python process (its environment)
 def test_the_champion_gate_of_a_classifier_is_its_test_log_loss(tmp_path, monkeypatch):
     from abalone.tracking.sweep_runs import register_champion
 
