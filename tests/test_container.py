@@ -348,3 +348,30 @@ def test_a_start_without_arguments_is_sagemakers_in_a_jobs_environment():
     assert why.startswith("abalone.container: starting one run with the default settings: no "
                           "arguments, no /opt/ml/input/config/hyperparameters.json and no "
                           "TRAINING_JOB_NAME"), why
+
+
+@pytest.mark.slow
+@pytest.mark.container
+def test_sagemaker_start_trains_a_table_of_the_users_from_the_channel(tmp_path, data_file,
+                                                                       podman_env, project_image,
+                                                                       mlflow_server):
+    # data=table with data.path relative to the training channel, as a SageMaker job mounts it.
+    from sklearn.datasets import load_breast_cancer
+
+    opt_ml = sagemaker_folders(tmp_path, data_file, json.dumps({
+        "data": "table", "data.path": "cancer.csv", "data.target": "target",
+        "trainer.epochs": "2", "tracking": "server", "tracking.uri": mlflow_server,
+        "tracking.register": "false"}))
+    load_breast_cancer(as_frame=True).frame.to_csv(opt_ml / "input/data/training/cancer.csv",
+                                                   index=False)
+    done = start_as_sagemaker(podman_env, project_image, opt_ml, "train")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name(
+        "abalone-tensorflow-experiment").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dataset.path"] == "/opt/ml/input/data/training/cancer.csv"
+    assert {"test_accuracy", "test_log_loss", "test_auc"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
+    assert (opt_ml / "model" / "model.keras").is_file()
+    assert not (opt_ml / "output" / "failure").exists()

@@ -248,3 +248,11 @@ def test_s3_table_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
         assert table.resolve(cfg) == path  # from the cache
         with pytest.raises(DataError, match=r"could not download data.path=s3://tables/gone.csv"):
             table.resolve(config("s3://tables/gone.csv", target="y", cache_dir=str(tmp_path)))
+
+
+def test_a_table_without_rows_or_too_small_for_its_splits_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"t.csv"):
+        dataset.load(config(write_csv(tmp_path, "a,b,y\n"), target="y"))
+    rows = "".join(f"{i},{i + 0.5}\n" for i in range(5))
+    with pytest.raises(DataError, match=r"cannot make the test split with data.test_fraction=0.99"):
+        dataset.load(config(write_csv(tmp_path, "x,y\n" + rows), target="y", test_fraction=0.99))
