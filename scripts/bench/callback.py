@@ -55,24 +55,24 @@ def callback_pairs(data_path: str, url: str, epochs: int, pairs: int) -> list[tu
     import mlflow
     from hydra import compose, initialize_config_dir
 
-    from abalone import data
+    from abalone import data, dataset
     from abalone.callbacks import MlflowLogger
-    from abalone.serving import model_inputs
     from abalone.run import build_model, import_keras
     from abalone.train import CONF_DIR
 
     keras = import_keras()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"trainer.epochs={epochs}", "trainer.patience=0"])
-    splits = data.split(data.load(Path(data_path)), cfg.data)
-    train = (model_inputs(splits.train), data.target(splits.train))
-    val = (model_inputs(splits.val), data.target(splits.val))
+        cfg = compose("config", overrides=[f"trainer.epochs={epochs}", "trainer.patience=0",
+                                           f"data.path={data_path}"])
+    ds = dataset.load(cfg.data)
+    train = (ds.inputs(ds.splits.train, "train"), ds.targets(ds.splits.train))
+    val = (ds.inputs(ds.splits.val, "val"), ds.targets(ds.splits.val))
     client = mlflow.MlflowClient(tracking_uri=url)
     experiment_id = client.create_experiment(f"benchmark-callback-{time.time_ns()}")
 
     def fit_seconds(tracked: bool) -> float:
         keras.utils.set_random_seed(cfg.trainer.seed)
-        model = build_model(cfg, splits, keras)
+        model = build_model(cfg, ds, keras)
         callbacks = [keras.callbacks.TerminateOnNaN()]
         if tracked:
             run_id = client.create_run(experiment_id).info.run_id

@@ -73,6 +73,7 @@ class PhaseTimingLauncher(BasicLauncher):
         """`abalone.train.main` for a trial: `run_training`'s phases, each timed."""
         from hydra.core.hydra_config import HydraConfig
 
+        from abalone import tracking
         from abalone.run import evaluate_run, fit, open_run, prepare, record
         from abalone.trial import ACTIVE_TRIAL
 
@@ -89,6 +90,8 @@ class PhaseTimingLauncher(BasicLauncher):
         try:
             if run.run_id:
                 self.timed(OPEN, trial.trial.set_user_attr, "mlflow_run_id", run.run_id)
+                self.timed(OPEN, tracking.log_datasets, ready.data.splits, ready.data.path,
+                           ready.data.sha256, ready.data.target)
             kept, fit_seconds = self.timed("fit", fit, cfg, ready, run, history, trial)
             result, predicted = self.timed(EVALUATE, evaluate_run, ready, history.history, kept,
                                            fit_seconds, run, trial)
