@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,12 +177,13 @@ def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
         run.logger = MlflowLogger(run.client, run.run_id)
         callbacks.append(run.logger)
     callbacks.append(RaiseOnDivergence())
-    if trial:  # last, so the epoch is logged before a prune or Ctrl-C stops training
-        if trial.prune:  # Optuna cannot prune multi-objective studies
-            from optuna_integration import KerasPruningCallback
+    # Last, so the epoch is logged before a prune or Ctrl-C stops training.
+    if trial and trial.prune:  # Optuna cannot prune multi-objective studies
+        from optuna_integration import KerasPruningCallback
 
-            callbacks.append(KerasPruningCallback(trial.trial, trial.metric))
-        callbacks.append(RaiseOnInterrupt(trial.interrupted))
+        callbacks.append(KerasPruningCallback(trial.trial, trial.metric))
+    if run.interrupted is not None:
+        callbacks.append(RaiseOnInterrupt(run.interrupted))
     start = time.perf_counter()
     ready.model.fit(**data.fit_arguments((ready.x["train"], ready.y["train"]),
                                          (ready.x["val"], ready.y["val"]), t.batch_size, t.seed,
@@ -289,10 +291,12 @@ def record_stop(cfg: DictConfig, history: dict, output_dir: Path, trial: TrialCo
 
 
 def open_run(cfg: DictConfig, ready: Prepared, history: dict, output_dir: Path,
-             trial: TrialContext | None, choices: dict[str, str]) -> tracking.TrackedRun:
+             trial: TrialContext | None, choices: dict[str, str],
+             interrupted: threading.Event | None = None) -> tracking.TrackedRun:
     """The run's tracking: its name, tags and params (the config, and the group choices as
-    written, `model=wide`, beside the keys they expand to), nested under a sweep's parent."""
-    interrupted = trial.interrupted if trial else None
+    written, `model=wide`, beside the keys they expand to), nested under a sweep's parent.
+    `interrupted` is set by a Ctrl-C (a trial's comes with its context)."""
+    interrupted = trial.interrupted if trial else interrupted
     if ready.experiment_id is None:
         return tracking.TrackedRun(None, interrupted=interrupted)
     tags = tracking.run_tags(ready.data.path, ready.data.sha256)
@@ -313,11 +317,13 @@ def open_run(cfg: DictConfig, ready: Prepared, history: dict, output_dir: Path,
 
 
 def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None = None,
-                 choices: dict[str, str] | None = None) -> RunResult:
-    """Train, evaluate, log and (outside sweeps) register one model as `cfg` says."""
+                 choices: dict[str, str] | None = None,
+                 interrupted: threading.Event | None = None) -> RunResult:
+    """Train, evaluate, log and (outside sweeps) register one model as `cfg` says; a single
+    run's Ctrl-C sets `interrupted`."""
     ready = prepare(cfg)
     history = ready.keras.callbacks.History()
-    run = open_run(cfg, ready, history.history, output_dir, trial, choices or {})
+    run = open_run(cfg, ready, history.history, output_dir, trial, choices or {}, interrupted)
     try:
         with run:
             if run.run_id and trial:
@@ -333,7 +339,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None =
                                              trial)
             record(cfg, ready, history.history, result, predicted, output_dir, run, trial)
     except BaseException as err:
-        # During a sweep's Ctrl-C, TensorFlow may raise its own error instead of the interrupt.
+        # During a Ctrl-C, TensorFlow may raise its own error instead of the interrupt.
         if run.was_interrupted(err) and not isinstance(err, KeyboardInterrupt):
             raise KeyboardInterrupt from err
         raise

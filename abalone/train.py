@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 # Before TensorFlow and MLflow load: keep their INFO lines and progress bars off the terminal.
@@ -70,7 +71,11 @@ def main(cfg: DictConfig) -> float | dict[str, float] | None:
 
             return run_job(open_context(encoded, cfg.trainer.epochs),
                            lambda context: run_training(cfg, output_dir, context, choices))
-        result = run_training(cfg, output_dir, trial, choices)
+        if single:  # a sweep's trials have the sweep's record of a Ctrl-C
+            with trial_contract.interrupts_remembered(threading.Event()) as interrupted:
+                result = run_training(cfg, output_dir, None, choices, interrupted)
+        else:
+            result = run_training(cfg, output_dir, trial, choices)
     except AbaloneError as err:
         if single:
             print(f"error: {err}", file=sys.stderr)

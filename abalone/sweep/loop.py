@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -33,7 +32,8 @@ from abalone.sweep.lock import study_lock
 from abalone.sweep.plan import SweepPlan, make_plan, open_study
 from abalone.sweep.storage import make_storage
 from abalone.tracking import sweep_runs
-from abalone.trial import ACTIVE_TRIAL, PARENT_ENV, RANK_ENV, TrialContext
+from abalone.trial import (ACTIVE_TRIAL, PARENT_ENV, RANK_ENV, TrialContext,
+                           interrupts_remembered)
 from abalone.workers import thread_share
 
 log = logging.getLogger(__name__)
@@ -143,26 +143,19 @@ class Sweep:
                  self.plan.study_name, self.plan.storage_label, self.plan.n_trials,
                  slots.finished_count(self.study), self.parent_run_id)
 
-        # Python loses a Ctrl-C that lands inside a finalizer; remember every one, so the
-        # running trial (RaiseOnInterrupt) and the loop of trials still stop.
-        def on_interrupt(signum, frame):
-            self.interrupted.set()
-            signal.default_int_handler(signum, frame)
-
-        previous_handler = signal.signal(signal.SIGINT, on_interrupt)
         status = "FAILED"
         try:
-            coordinator.start_workers(self)
-            if self.workers.remote:
-                coordinator.follow_workers(self)
-            else:
-                self.run_trials()
+            with interrupts_remembered(self.interrupted):  # the running trial stops, and the loop
+                coordinator.start_workers(self)
+                if self.workers.remote:
+                    coordinator.follow_workers(self)
+                else:
+                    self.run_trials()
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
             if status != "FINISHED":
                 self.workers.stop()
             elif not self.workers.remote:  # remote ones have ended: follow_workers waited
