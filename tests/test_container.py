@@ -154,6 +154,20 @@ def sagemaker_folders(tmp_path: Path, data_file: Path, hyperparameters: str) -> 
     return opt_ml_folders(tmp_path / "opt_ml", data_file, hyperparameters)
 
 
+def finished_sagemaker_run(env: dict, image: str, opt_ml: Path, mlflow_server: str):
+    """Start the image as a SageMaker job does; its one run, FINISHED, with the model written
+    and no failure left."""
+    done = start_as_sagemaker(env, image, opt_ml, "train")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name(
+        "abalone-tensorflow-experiment").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert (opt_ml / "model" / "model.keras").is_file()
+    assert not (opt_ml / "output" / "failure").exists()
+    return client, run
+
+
 def start_as_sagemaker(env: dict, image: str, opt_ml: Path, *args: str):
     mounts = []
     for sub, mode in (("input/data/training", ":ro"), ("input/config", ":ro"), ("model", ""),
@@ -171,16 +185,9 @@ def test_sagemaker_start_trains_what_the_hyperparameters_say(tmp_path, data_file
         "trainer.epochs": "2", "model": '"wide"', "tracking": "server",
         "tracking.uri": mlflow_server, "tracking.register": "false"}))
     assert (opt_ml / "model").stat().st_uid == os.getuid()
-    done = start_as_sagemaker(podman_env, project_image, opt_ml, "train")
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    client = MlflowClient(tracking_uri=mlflow_server)
-    (run,) = client.search_runs([client.get_experiment_by_name(
-        "abalone-tensorflow-experiment").experiment_id])
-    assert run.info.status == "FINISHED"
+    client, run = finished_sagemaker_run(podman_env, project_image, opt_ml, mlflow_server)
     assert run.data.params["trainer.epochs"] == "2" and run.data.params["model.units"] == "256"
     assert len(client.get_metric_history(run.info.run_id, "val_rmse")) == 2
-    assert (opt_ml / "model" / "model.keras").is_file()
-    assert not (opt_ml / "output" / "failure").exists()
 
 
 @pytest.mark.slow
@@ -364,14 +371,7 @@ def test_sagemaker_start_trains_a_table_of_the_users_from_the_channel(tmp_path, 
         "tracking.register": "false"}))
     load_breast_cancer(as_frame=True).frame.to_csv(opt_ml / "input/data/training/cancer.csv",
                                                    index=False)
-    done = start_as_sagemaker(podman_env, project_image, opt_ml, "train")
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    client = MlflowClient(tracking_uri=mlflow_server)
-    (run,) = client.search_runs([client.get_experiment_by_name(
-        "abalone-tensorflow-experiment").experiment_id])
-    assert run.info.status == "FINISHED"
+    client, run = finished_sagemaker_run(podman_env, project_image, opt_ml, mlflow_server)
     assert run.data.tags["dataset.path"] == "/opt/ml/input/data/training/cancer.csv"
     assert {"test_accuracy", "test_log_loss", "test_auc"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
-    assert (opt_ml / "model" / "model.keras").is_file()
-    assert not (opt_ml / "output" / "failure").exists()
