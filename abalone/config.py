@@ -33,6 +33,11 @@ class Schedule(str, Enum):
     exponential = "exponential"
 
 
+class FitPath(str, Enum):
+    shared = "shared"
+    keras = "keras"
+
+
 class OptimizerName(str, Enum):
     adam = "adam"
     adamw = "adamw"
@@ -119,6 +124,9 @@ class TrainerConfig:
     seed: int = 42
     verbose: int = 1  # 0: summary only, 1: one line per epoch
     steps_per_execution: int = 0  # training steps per call into the compiled function; 0: an epoch
+    # shared: MLP regressors train on a compiled program kept for later runs of the process
+    # (abalone/mlp_program.py); keras: model.fit, a fresh trace per run
+    fit_path: FitPath = FitPath.shared
 
 
 @dataclass

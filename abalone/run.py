@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
 
-from abalone import aws, data, dataset, evaluate, outputs, tracking
+from abalone import aws, data, dataset, evaluate, mlp_program, outputs, tracking
 from abalone.config import ConfigError, check_ranges
 from abalone.redact import redact
 from abalone.trial import OBJECTIVE, TrialContext, kept_value
@@ -37,6 +37,7 @@ from abalone.trial import OBJECTIVE, TrialContext, kept_value
 log = logging.getLogger(__name__)
 # Rows in the batch whose prediction time `predict_seconds` measures.
 PREDICT_BATCH = 256
+_FIT_PATH_REFUSALS: set[str] = set()  # said once per process
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Prepared:
     model: object
     keras: object
     experiment_id: str | None  # None: tracking.enabled=false
+    program: mlp_program.MlpPlan | None = None  # trainer.fit_path=shared, when it can
 
 
 @contextlib.contextmanager
@@ -94,6 +96,26 @@ def import_keras():
 
         keras.ops.convert_to_numpy(keras.ops.zeros(1))
     return keras
+
+
+def seed_randomness(seed: int, keras) -> None:
+    """`keras.utils.set_random_seed`, except that TensorFlow's global seed is left alone when it
+    already has this value: setting it clears TensorFlow's caches of instantiated functions,
+    which costs the next call of every compiled function ~0.7 s (a sweep's trials keep theirs,
+    abalone/mlp_program.py). Keras draws its initializers' seeds from Python's `random`."""
+    if keras.backend.backend() != "tensorflow":
+        keras.utils.set_random_seed(seed)
+        return
+    import random
+
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    random.seed(seed)
+    np.random.seed(seed)
+    if context.global_seed() != seed:
+        tf.random.set_seed(seed)
 
 
 def build_model(cfg: DictConfig, ds: dataset.Dataset, keras):
@@ -149,11 +171,19 @@ def prepare(cfg: DictConfig) -> Prepared:
     if cfg.output.s3_uri:
         aws.check_s3_output(cfg.output.s3_uri)
     keras = import_keras()
-    keras.utils.set_random_seed(cfg.trainer.seed)
+    seed_randomness(cfg.trainer.seed, keras)
     parts = {"train": ds.splits.train, "val": ds.splits.val, "test": ds.splits.test}
+    model = build_model(cfg, ds, keras)
+    program = None
+    if cfg.trainer.fit_path == "shared" and not cfg.trainer.steps_per_execution:
+        program, why_not = mlp_program.plan(model)
+        if program is None and why_not not in _FIT_PATH_REFUSALS:
+            _FIT_PATH_REFUSALS.add(why_not)
+            log.info("trainer.fit_path=shared cannot train this model (%s): using model.fit",
+                     why_not)
     return Prepared(ds, {k: ds.inputs(f, k) for k, f in parts.items()},
-                    {k: ds.targets(f) for k, f in parts.items()},
-                    build_model(cfg, ds, keras), keras, experiment_id)
+                    {k: ds.targets(f) for k, f in parts.items()}, model, keras, experiment_id,
+                    program)
 
 
 def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
@@ -184,11 +214,14 @@ def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
         callbacks.append(KerasPruningCallback(trial.trial, trial.metric))
     if run.interrupted is not None:
         callbacks.append(RaiseOnInterrupt(run.interrupted))
+    train, val = (ready.x["train"], ready.y["train"]), (ready.x["val"], ready.y["val"])
     start = time.perf_counter()
-    ready.model.fit(**data.fit_arguments((ready.x["train"], ready.y["train"]),
-                                         (ready.x["val"], ready.y["val"]), t.batch_size, t.seed,
-                                         keras.backend.backend()),
-                    epochs=t.epochs, verbose=0, callbacks=callbacks)
+    if ready.program:
+        mlp_program.fit(ready.program, train, val, t.batch_size, t.seed, t.epochs, callbacks)
+    else:
+        ready.model.fit(**data.fit_arguments(train, val, t.batch_size, t.seed,
+                                             keras.backend.backend()),
+                        epochs=t.epochs, verbose=0, callbacks=callbacks)
     seconds = time.perf_counter() - start
     restored = early_stopping is not None and early_stopping.best_weights is not None
     return (early_stopping.best_epoch if restored else len(history.history["loss"]) - 1), seconds

@@ -16,7 +16,7 @@ FLOORS = {
     "sweep": ["abalone.sweep"],
     "run": ["abalone.run", "abalone.outputs", "abalone.callbacks", "abalone.evaluate"],
     "tracking and workers": ["abalone.tracking", "abalone.workers"],
-    "backends": ["abalone.aws", "abalone.data", "abalone.model", "abalone.serving",
+    "backends": ["abalone.aws", "abalone.data", "abalone.model", "abalone.mlp_program", "abalone.serving",
                  "abalone.search_spaces", "abalone.dataset", "abalone.table",
                  "abalone.table_serving"],
     "ground": ["abalone.config", "abalone.redact", "abalone.trial", "abalone",

@@ -1,0 +1,109 @@
+"""trainer.fit_path=shared (abalone/mlp_program.py) trains exactly what model.fit trains: the same
+per-epoch metrics for the same config and seed, one compiled program for every width, and the
+Keras model of the run's own architecture holding the result. Quick: in-process, no servers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from abalone import data, mlp_program, run
+from conftest import REPO
+
+# The widths, batch norm, dropout, optimizers and batch sizes sweeps/search.yaml varies.
+CONFIGS = {
+    "mlp": [],
+    "bn-dropout-gelu-adamw": ["model.units=256", "model.depth=4", "model.taper=1.0",
+                              "model.activation=gelu", "model.batch_norm=true",
+                              "model.dropout=0.15", "optimizer=adamw", "trainer.batch_size=128"],
+    "narrow-adam-decay": ["model.units=64", "model.depth=4", "model.dropout=0.05",
+                          "optimizer.weight_decay=0.001", "optimizer.lr=0.02",
+                          "trainer.batch_size=512"],
+}
+EPOCHS = 4
+
+
+def prepared(data_file, monkeypatch, *overrides: str):
+    monkeypatch.setenv("ABALONE_DATA", str(data_file))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "tracking.enabled=false", "trainer.verbose=0", f"trainer.epochs={EPOCHS}",
+            *overrides])
+    return cfg, run.prepare(cfg)
+
+
+def train(cfg, ready, path: str) -> dict[str, list[float]]:
+    history = ready.keras.callbacks.History()
+    train_rows = (ready.x["train"], ready.y["train"])
+    val_rows = (ready.x["val"], ready.y["val"])
+    t = cfg.trainer
+    if path == "keras":
+        ready.model.fit(**data.fit_arguments(train_rows, val_rows, t.batch_size, t.seed,
+                                             "tensorflow"),
+                        epochs=t.epochs, verbose=0, callbacks=[history])
+    else:
+        mlp_program.fit(ready.program, train_rows, val_rows, t.batch_size, t.seed, t.epochs,
+                        [history])
+    return history.history
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shared_program_matches_model_fit_epoch_by_epoch(name, data_file, monkeypatch):
+    cfg, ready = prepared(data_file, monkeypatch, *CONFIGS[name])
+    assert ready.program is not None, "the default fit_path should take this model"
+    shared = train(cfg, ready, "shared")
+    keras_cfg, keras_ready = prepared(data_file, monkeypatch, *CONFIGS[name],
+                                      "trainer.fit_path=keras")
+    assert keras_ready.program is None
+    plain = train(keras_cfg, keras_ready, "keras")
+
+    assert sorted(shared) == sorted(plain)  # loss, rmse, mae and their val_ twins
+    for key in plain:
+        np.testing.assert_allclose(shared[key], plain[key], rtol=2e-4, err_msg=key)
+    # The Keras model holds what the program trained: its own prediction gives the last
+    # epoch's val_rmse, and its optimizer the steps taken.
+    predicted = ready.keras.ops.convert_to_numpy(ready.model(ready.x["val"], training=False))
+    rmse = float(np.sqrt(np.mean((predicted - ready.y["val"]) ** 2)))
+    assert rmse == pytest.approx(shared["val_rmse"][-1], rel=1e-5)
+    steps = -(-len(ready.y["train"]) // cfg.trainer.batch_size)
+    assert int(ready.model.optimizer.iterations) == EPOCHS * steps
+    assert int(keras_ready.model.optimizer.iterations) == EPOCHS * steps
+
+
+def test_one_trace_serves_every_width_and_batch_size(data_file, monkeypatch):
+    runs = [["model.units=64", "trainer.batch_size=512"],
+            ["model.units=256", "model.batch_norm=true", "model.dropout=0.1"],
+            ["model.units=32", "model.taper=1.0", "trainer.batch_size=128"]]
+    programs = set()
+    for overrides in runs:
+        cfg, ready = prepared(data_file, monkeypatch, *overrides)
+        history = train(cfg, ready, "shared")
+        assert np.all(np.isfinite(history["val_rmse"]))
+        programs.add(mlp_program._PROGRAMS[(ready.keras.activations.relu,) * 3])
+    (program,) = programs
+    assert program.train_epoch.experimental_get_tracing_count() == 1
+    assert program.test.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["optimizer=sgd"], "optimizer SGD"),
+    (["optimizer.schedule=exponential"], "learning-rate schedule ExponentialDecay"),
+    (["data=table", "data.target=label", "data.cache_dir=TMP"], "loss"),
+    (["trainer.steps_per_execution=4"], None),
+])
+def test_models_it_cannot_train_exactly_go_to_model_fit(overrides, reason, data_file,
+                                                        monkeypatch, tmp_path):
+    table = tmp_path / "table.csv"
+    rng = np.random.default_rng(0)
+    rows = [f"{a:.3f},{b:.3f},{'yes' if a + b > 0 else 'no'}"
+            for a, b in rng.normal(size=(300, 2))]
+    table.write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]
+    if "data=table" in overrides:
+        overrides.append(f"data.path={table}")
+    cfg, ready = prepared(data_file, monkeypatch, *overrides)
+    assert ready.program is None
+    if reason:  # else: the model is fine, the setting asks for Keras's own loop
+        plan, why = mlp_program.plan(ready.model)
+        assert plan is None and why.startswith(reason)
