@@ -206,24 +206,35 @@ def log_model(keras_path: Path, rows, predicted, spec_path: Path | None = None) 
     return info.model_uri
 
 
+_DATASET_INPUTS: dict[tuple, list] = {}  # a sweep's trials log the same rows: infer once
+
+
 def log_datasets(splits, source: Path, sha256: str, target: str) -> None:
     """MLflow's dataset tracking: the training, validation and test rows as the run's inputs
     (source, digest, schema, row counts), shown in the UI's Datasets column."""
     import warnings
 
+    import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
-    inputs = []
-    for context, frame in (("training", splits.train), ("validation", splits.val),
-                           ("test", splits.test)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MLflow's note on integer columns without nulls
-            dataset = mlflow.data.from_pandas(frame.reset_index(drop=True), source=str(source),
-                                              targets=target, name=f"{source.name}:{context}")
-            entity = dataset._to_mlflow_entity()  # the schema is inferred here
-        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context),
-                                                 InputTag("file.sha256", sha256)]))
-    mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id, datasets=inputs)
+    parts = (("training", splits.train), ("validation", splits.val), ("test", splits.test))
+    key = (str(source), sha256, target,
+           *(int(pd.util.hash_pandas_object(frame).sum()) for _, frame in parts))
+    if key not in _DATASET_INPUTS:
+        inputs = []
+        for context, frame in parts:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # MLflow's note on integer columns without nulls
+                dataset = mlflow.data.from_pandas(frame.reset_index(drop=True),
+                                                  source=str(source), targets=target,
+                                                  name=f"{source.name}:{context}")
+                entity = dataset._to_mlflow_entity()  # the schema is inferred here
+            inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context),
+                                                     InputTag("file.sha256", sha256)]))
+        _DATASET_INPUTS.clear()
+        _DATASET_INPUTS[key] = inputs
+    mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id,
+                                     datasets=_DATASET_INPUTS[key])
 
 
 def register(model_uri: str, name: str, run_id: str, metrics: dict[str, float],
