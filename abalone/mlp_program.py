@@ -46,8 +46,17 @@ class MlpPlan:
     optimizer: keras.optimizers.Optimizer
 
 
+# What of Keras's internals the program reads (an optimizer's schedule and moments, compile's
+# metric list); checked up front, so another Keras version falls back to model.fit, not fails.
+_KERAS_INTERNALS = ((keras.optimizers.Adam, ("_learning_rate", "_get_variable_index")),)
+
+
 def plan(model: keras.Model) -> tuple[MlpPlan | None, str]:
     """The model as a program can train it, or (None, why not)."""
+    missing = [f"{cls.__name__}.{name}" for cls, names in _KERAS_INTERNALS for name in names
+               if not hasattr(cls, name) and not hasattr(model.optimizer, name)]
+    if not hasattr(model, "_compile_metrics") or missing:
+        return None, f"Keras {keras.__version__} lacks {missing or '_compile_metrics'}"
     if keras.backend.backend() != "tensorflow":
         return None, f"the {keras.backend.backend()} backend"
     if model.loss != "mse":
@@ -198,7 +207,7 @@ class MlpProgram:
         if not opt.built:
             opt.build(p.model.trainable_variables)
         moments = dict(zip(map(id, self.trainable), zip(self.momentums, self.velocities)))
-        for keras_var, var in self.pairs(p):
+        for keras_var, var in self.pairs(p) if hasattr(opt, "_momentums") else ():
             if id(var) in moments and keras_var.trainable:
                 index = opt._get_variable_index(keras_var)
                 opt._momentums[index].assign(moments[id(var)][0])

@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
 
-from abalone import aws, data, dataset, evaluate, mlp_program, outputs, tracking
+from abalone import aws, data, dataset, evaluate, outputs, tracking
 from abalone.config import ConfigError, check_ranges
 from abalone.redact import redact
 from abalone.trial import OBJECTIVE, TrialContext, kept_value
@@ -66,7 +66,7 @@ class Prepared:
     model: object
     keras: object
     experiment_id: str | None  # None: tracking.enabled=false
-    program: mlp_program.MlpPlan | None = None  # trainer.fit_path=shared, when it can
+    program: object = None  # trainer.fit_path=shared, when it can: an mlp_program.MlpPlan
 
 
 @contextlib.contextmanager
@@ -176,6 +176,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     model = build_model(cfg, ds, keras)
     program = None
     if cfg.trainer.fit_path == "shared" and not cfg.trainer.steps_per_execution:
+        from abalone import mlp_program  # TensorFlow: only after import_keras, quietly
+
         program, why_not = mlp_program.plan(model)
         if program is None and why_not not in _FIT_PATH_REFUSALS:
             _FIT_PATH_REFUSALS.add(why_not)
@@ -217,6 +219,8 @@ def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
     train, val = (ready.x["train"], ready.y["train"]), (ready.x["val"], ready.y["val"])
     start = time.perf_counter()
     if ready.program:
+        from abalone import mlp_program
+
         mlp_program.fit(ready.program, train, val, t.batch_size, t.seed, t.epochs, callbacks)
     else:
         ready.model.fit(**data.fit_arguments(train, val, t.batch_size, t.seed,
