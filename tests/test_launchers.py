@@ -122,8 +122,8 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
 # scancel sends SIGTERM, which submitit lets pass (it waits for preemption), then SIGKILL after
-# KillWait seconds (30 by default).
-KillWait=3
+# KillWait seconds (30 by default): short, so a cancelled trial cannot finish meanwhile.
+KillWait=1
 JobAcctGatherType=jobacct_gather/none
 # Accounting through slurmdbd, as real clusters have it: submitit learns that a job ended without
 # a result (scancel, a node's failure) from `sacct`, which without it fails, and would wait forever.
@@ -266,8 +266,8 @@ def test_scancel_fails_then_retries_a_trial(tmp_path, data_file, slurm_cluster, 
     # without (the sweep's own slurm.conf says accounting_storage/none, so its sacct fails as on
     # a cluster without slurmdbd), the sweep sees the job gone from squeue for stale_after
     # seconds. Either way it waits for the other job, fails the cancelled trial, queues its
-    # parameters again and stops. Trials of 50 short epochs outlast scancel's SIGTERM (which
-    # submitit ignores) and KillWait.
+    # parameters again and stops. A trial of 50 short epochs and its records outlast scancel's
+    # SIGTERM (which submitit ignores) and KillWait.
     env = dict(slurm_cluster)
     extra = []
     if not accounting:
