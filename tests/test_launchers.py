@@ -5,6 +5,7 @@ and launchers refused before anything exists (abalone/sweep/launchers.py)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -315,6 +316,8 @@ def test_scancel_fails_then_retries_a_trial(tmp_path, data_file, slurm_cluster, 
             f"JobLeftQueue: SLURM job {job} of trial 0 left the queue without a result 15s ago"
             ) in last, last
     assert last.endswith("rerun the same command to resume the study")
+    assert re.search(r"trial +0  FAIL .*RuntimeError: its job ended without a result \((Uncompleted"
+                     r"JobError|JobLeftQueue): .*\); queued again", out + err), (out + err)[-3000:]
     sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job],
                            env={**full_env, **slurm_cluster}, capture_output=True, text=True,
                            check=True).stdout

@@ -198,8 +198,8 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
     trial through its overrides (abalone.sweep.launchers), and tell the study how each
     ended. This process owns the trials and beats for them while their jobs run, so a sweep
     that dies leaves them stale, failed and retried on resume; a job lost with its result
-    (scancel, a node's failure) fails its trial, queues its parameters again and stops the
-    sweep."""
+    (scancel, a node's failure, the time limit) fails its trial, queues its parameters again and
+    stops the sweep once the batch's other jobs have ended."""
     jobs_overrides = []
     storage = sweep.settings.storage  # a journal file by its absolute path: jobs' folders differ
     storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
@@ -219,6 +219,7 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
                 "log_models": str(sweep.plan.log_models)})])
     start = time.monotonic()
     lost: Exception | None = None
+    reason = ""
     interval = slots.heartbeat_interval(sweep.settings.stale_after)
     beats = [slots.Heartbeat(sweep.study, trial, interval).__enter__() for trial in trials]
     try:
@@ -227,6 +228,8 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
         except Exception as err:  # noqa: BLE001 - the launcher lost a job; see below
             log.debug("the launcher lost a job", exc_info=True)
             lost, jobs = err, [None] * len(trials)
+            # submitit's message goes on with the job's whole error stream: its first sentence.
+            reason = " ".join(f"{type(err).__name__}: {err}".split("Error stream")[0].split())
             # submitit gives up on the batch at its first lost job; its others may still run.
             _wait_for_running_jobs(sweep.study, trials)
     except KeyboardInterrupt:
@@ -253,8 +256,8 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
                     "mlflow_run_id")
                 if sweep.client and run_id:  # the job could not end it
                     sweep_runs.end_trial_runs(sweep.client, [run_id])
-                report.trial_line(sweep, trial, "FAIL", None, lost, seconds,
-                                  "its job ended without a result; queued again")
+                report.trial_line(sweep, trial, "FAIL", None, RuntimeError(
+                    f"its job ended without a result ({reason[:300]}); queued again"), seconds, "")
                 states.append("FAIL")
                 retried.append(trial.number)
                 continue
@@ -267,12 +270,13 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
         report.trial_line(sweep, trial, state, values, error, seconds, note)
         states.append(state)
     if retried:
-        # submitit's message goes on with the job's whole error stream: its first sentence.
-        reason = " ".join(f"{type(lost).__name__}: {lost}".split("Error stream")[0].split())
         raise AbaloneError(
             f"hydra/launcher={sweep.launcher_kind.name} lost the job of trial(s) {retried} "
             f"(scancel, a node's failure or the time limit: {reason[:500]}); they were marked FAIL "
             "and their parameters queued again: rerun the same command to resume the study")
+    if lost is not None:  # each job recorded how it ended: the study knows all
+        log.warning("hydra/launcher=%s: %s; every trial of the batch had recorded its outcome",
+                    sweep.launcher_kind.name, reason[:300])
     return states
 
 
