@@ -11,8 +11,10 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || needed+=(postgresql)
 [ -x /usr/bin/chromium ] || needed+=(chromium)
 # docker-compose and a `docker` command (Podman's) for the SageMaker SDK's local mode, which the
 # tests run over Podman's Docker API socket.
-# slurmctld, slurmd and munged for the SLURM cluster tests/test_launchers.py starts on 127.0.0.1.
-for tool in podman mmdebstrap runc newuidmap docker-compose docker slurmctld munged; do
+# slurmctld, slurmd and munged for the SLURM cluster tests/test_launchers.py starts on 127.0.0.1,
+# with slurmdbd on MariaDB for its accounting (sacct, which submitit asks how a job ended).
+for tool in podman mmdebstrap runc newuidmap docker-compose docker slurmctld munged slurmdbd \
+    mariadbd; do
     command -v "$tool" >/dev/null || needed+=("$tool")
 done
 if [ ${#needed[@]} -gt 0 ]; then
@@ -23,6 +25,7 @@ if [ ${#needed[@]} -gt 0 ]; then
             docker) packages+=(podman-docker) ;;  # Podman's `docker` command
             slurmctld) packages+=(slurm-wlm) ;;
             munged) packages+=(munge) ;;
+            mariadbd) packages+=(mariadb-server) ;;
             *) packages+=("$tool") ;;
         esac
     done

@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import os
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -169,11 +170,16 @@ def open_context(encoded: str, epochs: int) -> TrialContext:
 
 
 OUTCOME = "outcome"  # the trial's user attribute where its job records how it ended
+SLURM_JOB = "slurm_job_id"  # where a SLURM job records its id, for the sweep to see it still runs
 
 
 def run_job(context: TrialContext, train: Callable[[TrialContext], Any]) -> dict[str, float]:
     """Train the trial and record how it ended on the trial itself, for a sweep whose launcher
     lost the job's return value (one job of a SLURM array cancelled fails the whole batch)."""
+    if "SLURM_JOB_ID" in os.environ:  # as squeue and scancel name it: 123_4 in an array
+        array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        context.trial.set_user_attr(SLURM_JOB, "_".join(array) if all(array)
+                                    else os.environ["SLURM_JOB_ID"])
     try:
         measured = train(context).measured
     except optuna.TrialPruned:
@@ -192,8 +198,8 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
     trial through its overrides (abalone.sweep.launchers), and tell the study how each
     ended. This process owns the trials and beats for them while their jobs run, so a sweep
     that dies leaves them stale, failed and retried on resume; a job lost with its result
-    (scancel, a node's failure) fails its trial, queues its parameters again and stops the
-    sweep."""
+    (scancel, a node's failure, the time limit) fails its trial, queues its parameters again and
+    stops the sweep once the batch's other jobs have ended."""
     jobs_overrides = []
     storage = sweep.settings.storage  # a journal file by its absolute path: jobs' folders differ
     storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
@@ -213,22 +219,28 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
                 "log_models": str(sweep.plan.log_models)})])
     start = time.monotonic()
     lost: Exception | None = None
+    reason = ""
     interval = slots.heartbeat_interval(sweep.settings.stale_after)
     beats = [slots.Heartbeat(sweep.study, trial, interval).__enter__() for trial in trials]
     try:
-        jobs = sweep.launcher.launch(jobs_overrides, initial_job_idx=trials[0].number)
+        try:
+            jobs = _launch(sweep, trials, jobs_overrides)
+        except Exception as err:  # noqa: BLE001 - the launcher lost a job; see below
+            log.debug("the launcher lost a job", exc_info=True)
+            lost, jobs = err, [None] * len(trials)
+            # submitit's message goes on with the job's whole error stream: its first sentence.
+            reason = " ".join(f"{type(err).__name__}: {err}".split("Error stream")[0].split())
+            # submitit gives up on the batch at its first lost job; its others may still run.
+            _wait_for_running_jobs(sweep.study, trials)
     except KeyboardInterrupt:
         for trial in trials:
             if sweep.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
                 slots.fail_and_retry(sweep.study, trial)
         raise
-    except Exception as err:  # noqa: BLE001 - the launcher lost a job; see below
-        log.debug("the launcher lost a job", exc_info=True)
-        lost, jobs = err, [None] * len(trials)
     finally:
         for beat in beats:
             beat.__exit__()
-    states, seconds = [], time.monotonic() - start
+    states, retried, seconds = [], [], time.monotonic() - start
     for trial, job in zip(trials, jobs):
         measured, error = None, None
         if job is not None and job.status is JobStatus.COMPLETED:
@@ -244,9 +256,10 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
                     "mlflow_run_id")
                 if sweep.client and run_id:  # the job could not end it
                     sweep_runs.end_trial_runs(sweep.client, [run_id])
-                report.trial_line(sweep, trial, "FAIL", None, lost, seconds,
-                                  "its job ended without a result; queued again")
+                report.trial_line(sweep, trial, "FAIL", None, RuntimeError(
+                    f"its job ended without a result ({reason[:300]}); queued again"), seconds, "")
                 states.append("FAIL")
+                retried.append(trial.number)
                 continue
             measured = outcome.get("measured")
             if outcome["state"] == "PRUNED":
@@ -256,10 +269,89 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
         state, values, note = sweep.tell(trial, measured, error)
         report.trial_line(sweep, trial, state, values, error, seconds, note)
         states.append(state)
-    if lost is not None:
+    if retried:
         raise AbaloneError(
-            f"hydra/launcher={sweep.launcher_kind.name} lost a job of trials "
-            f"{[t.number for t in trials]}: {type(lost).__name__}: {str(lost)[:500]}; "
-            "trials without a result were marked FAIL and queued again: rerun the same "
-            "command to resume the study")
+            f"hydra/launcher={sweep.launcher_kind.name} lost the job of trial(s) {retried} "
+            f"(scancel, a node's failure or the time limit: {reason[:500]}); they were marked FAIL "
+            "and their parameters queued again: rerun the same command to resume the study")
+    if lost is not None:  # each job recorded how it ended: the study knows all
+        log.warning("hydra/launcher=%s: %s; every trial of the batch had recorded its outcome",
+                    sweep.launcher_kind.name, reason[:300])
     return states
+
+
+class JobLeftQueue(Exception):
+    """A trial's SLURM job is no longer queued and recorded no result."""
+
+
+JOB_CHECK = 10.0  # seconds between the sweep's own looks at the SLURM queue
+
+
+def _launch(sweep, trials: list[optuna.Trial], jobs_overrides: list[list[str]]) -> list:
+    """The launcher's jobs. submitit learns that a SLURM job ended without a result (scancel, a
+    node's failure, the time limit) only from `sacct`, which fails on a cluster without
+    accounting (no slurmdbd) and leaves it waiting forever; so beside it the sweep looks at the
+    queue itself and gives up on the batch once a trial's job has been out of the queue without
+    a result for `stale_after` seconds (submitit, with accounting, usually says so first)."""
+    if sweep.launcher_kind is not TESTED[SLURM]:
+        return sweep.launcher.launch(jobs_overrides, initial_job_idx=trials[0].number)
+    done: dict[str, Any] = {}
+
+    def launch() -> None:
+        try:
+            done["jobs"] = sweep.launcher.launch(jobs_overrides, initial_job_idx=trials[0].number)
+        except Exception as err:  # noqa: BLE001 - raised again in the sweep's thread
+            done["error"] = err
+
+    # A daemon: left waiting on a lost job, it ends with the command.
+    thread = threading.Thread(target=launch, daemon=True, name="submitit launch")
+    thread.start()
+    missing_since: dict[str, float] = {}
+    while True:
+        thread.join(JOB_CHECK)
+        if not thread.is_alive():
+            break
+        jobs, queued = _unfinished_jobs(sweep.study, trials), _queued()
+        if queued is None:  # squeue failed this time: no verdict
+            continue
+        now = time.monotonic()
+        for number, job in jobs.items():
+            if job in queued:
+                missing_since.pop(job, None)
+            elif now - missing_since.setdefault(job, now) >= sweep.settings.stale_after:
+                raise JobLeftQueue(
+                    f"SLURM job {job} of trial {number} left the queue without a result "
+                    f"{sweep.settings.stale_after}s ago (hydra.sweeper.stale_after)")
+    if "error" in done:
+        raise done["error"]
+    return done["jobs"]
+
+
+def _unfinished_jobs(study: optuna.Study, trials: list[optuna.Trial]) -> dict[int, str]:
+    """Trial number -> SLURM job id, of the trials whose job started and recorded no outcome."""
+    jobs = {}
+    for trial in trials:
+        attrs = study._storage.get_trial(trial._trial_id).user_attrs
+        if OUTCOME not in attrs and SLURM_JOB in attrs:
+            jobs[trial.number] = attrs[SLURM_JOB]
+    return jobs
+
+
+def _queued() -> set[str] | None:
+    """This user's SLURM jobs still pending, running or completing, as `squeue` (which needs no
+    accounting) names them; None if it failed."""
+    listed = subprocess.run(["squeue", "--me", "--noheader", "--format=%i"],
+                            capture_output=True, text=True)
+    return set(listed.stdout.split()) if listed.returncode == 0 else None
+
+
+def _wait_for_running_jobs(study: optuna.Study, trials: list[optuna.Trial]) -> None:
+    """Until no trial of the batch without a recorded outcome has a SLURM job still in the
+    queue, so each of the batch's other trials ends as its job does rather than failed under a
+    job that still trains. A job that has not started has not recorded its id: its trial is
+    failed, and the job fails at its first report."""
+    while True:
+        jobs, queued = set(_unfinished_jobs(study, trials).values()), _queued()
+        if not jobs or queued is None or not jobs & queued:
+            return
+        time.sleep(JOB_CHECK / 2)

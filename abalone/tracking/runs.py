@@ -233,8 +233,17 @@ def log_datasets(splits, source: Path, sha256: str, target: str) -> None:
                                                      InputTag("file.sha256", sha256)]))
         _DATASET_INPUTS.clear()
         _DATASET_INPUTS[key] = inputs
-    mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id,
-                                     datasets=_DATASET_INPUTS[key])
+    inputs = _DATASET_INPUTS[key]
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except mlflow.exceptions.MlflowException as err:
+        # Runs that log the same new dataset at once (a sweep's first parallel trials) race in
+        # the server's look-up-then-insert, and the loser's whole request is refused with its
+        # database's unique-constraint error; tried again, it finds the winner's datasets.
+        if not any(word in str(err).lower() for word in ("unique constraint", "duplicate entry")):
+            raise
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def register(model_uri: str, name: str, run_id: str, metrics: dict[str, float],
