@@ -44,6 +44,8 @@ class MlpPlan:
     blocks: list[Block]
     head: layers.Dense
     optimizer: keras.optimizers.Optimizer
+    # The program that trained the model; it holds Adam's moments until its next run.
+    trained_by: MlpProgram | None = None
 
 
 # What of Keras's internals the program reads (an optimizer's schedule and moments, compile's
@@ -199,10 +201,16 @@ class MlpProgram:
         return found
 
     def store(self, p: MlpPlan) -> None:
-        """The trained weights, statistics, seed states and Adam's moments back into the Keras
-        model and its optimizer (a saved model resumes training where the run ended)."""
+        """The trained weights, statistics and seed states back into the Keras model."""
         for keras_var, var in self.pairs(p):
             keras_var.assign(var)
+        p.optimizer.iterations.assign(self.iterations)
+        p.trained_by = self
+
+    def store_optimizer(self, p: MlpPlan) -> None:
+        """Adam's moments into the model's optimizer, so that a saved model resumes training
+        where the run ended; only for models that are saved (building the optimizer costs a
+        trial ~0.05 s)."""
         opt = p.optimizer
         if not opt.built:
             opt.build(p.model.trainable_variables)
@@ -212,7 +220,6 @@ class MlpProgram:
                 index = opt._get_variable_index(keras_var)
                 opt._momentums[index].assign(moments[id(var)][0])
                 opt._velocities[index].assign(moments[id(var)][1])
-        opt.iterations.assign(self.iterations)
 
     # -- the compiled functions -----------------------------------------------------------------
 

@@ -265,6 +265,8 @@ def record(cfg: DictConfig, ready: Prepared, history: dict, result: RunResult, p
            output_dir: Path, run: tracking.TrackedRun, trial: TrialContext | None) -> None:
     """The run's folder, its upload to output.s3_uri, and in MLflow its held-out metrics, files
     and pyfunc model; outside sweeps the model is registered."""
+    if ready.program and result.logs_model:
+        ready.program.trained_by.store_optimizer(ready.program)  # saved with the model
     config_path, plots, keras_path = outputs.save_files(
         cfg, ready.model, history, ready.y["test"], predicted, output_dir, result.logs_model,
         ready.data.task, (ready.data.spec or {}).get("classes"))

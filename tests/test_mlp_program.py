@@ -66,6 +66,14 @@ def test_shared_program_matches_model_fit_epoch_by_epoch(name, data_file, monkey
     predicted = ready.keras.ops.convert_to_numpy(ready.model(ready.x["val"], training=False))
     rmse = float(np.sqrt(np.mean((predicted - ready.y["val"]) ** 2)))
     assert rmse == pytest.approx(shared["val_rmse"][-1], rel=1e-5)
+    ready.program.trained_by.store_optimizer(ready.program)  # as a run does before saving
+    for ours, theirs in zip(ready.model.optimizer.variables,
+                            keras_ready.model.optimizer.variables):
+        # Moments are noisy averages of gradients: compare as vectors (a moment of another
+        # variable, or none, would be off by its whole size).
+        a, b = ours.numpy().astype(float), theirs.numpy().astype(float)
+        assert a.shape == b.shape, ours.path
+        assert np.linalg.norm(a - b) <= 0.02 * np.linalg.norm(b) + 1e-6, ours.path
     steps = -(-len(ready.y["train"]) // cfg.trainer.batch_size)
     assert int(ready.model.optimizer.iterations) == EPOCHS * steps
     assert int(keras_ready.model.optimizer.iterations) == EPOCHS * steps
