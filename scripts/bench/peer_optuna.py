@@ -21,7 +21,8 @@ the trial's run itself and hands its id to the callback as `track_in_mlflow` doe
 system attribute `mlflow_run_id`), so the two threads train at once.
 
 Prints one line `RESULT {json}`: wall seconds (from the script's start, imports included), the
-trials' states, the best trial's validation and test RMSE.
+trials' states, the epochs they trained (their pruning reports), the best trial's validation and
+test RMSE.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def main() -> None:
     print("RESULT", json.dumps({
         "wall_seconds": time.monotonic() - START, "trials": len(states),
         "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
-        "failed": states.count("FAIL"), "best_trial": best.number, "best_val_rmse": best.value,
+        "failed": states.count("FAIL"),
+        "epochs": sum(len(t.intermediate_values) for t in study.trials),
+        "best_trial": best.number, "best_val_rmse": best.value,
         "best_test_rmse": best.user_attrs["test_rmse"]}), flush=True)
 
 
