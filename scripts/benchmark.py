@@ -3,12 +3,15 @@
 a sweep trial's overhead broken down into its parts, a sweep, its scaling with n_jobs, start-up
 time, the study storage's per-trial cost (one process, and 1-64 simulated workers on PostgreSQL,
 straight and through the gRPC storage proxy) and the registered model's latency and throughput
-behind `mlflow models serve`.
+behind `mlflow models serve`; when named, a sweep's throughput against the plain Optuna script a
+user would write instead, and its memory over a long sweep (issue #21).
 
     python scripts/benchmark.py                      # the full benchmark (~20 min on 2 cores)
     python scripts/benchmark.py --sweep-trials 50 --repeats 3 --postgres-url postgresql://...
     python scripts/benchmark.py --smoke              # tiny sizes: checks every figure appears
     python scripts/benchmark.py --sections serving   # one section
+    python scripts/benchmark.py --sections throughput,memory  # ~8 min + ~25 min on 2 cores
+    python scripts/benchmark.py --sections throughput --sweep-overrides "a=b c=d"
     python scripts/benchmark.py --sections fleet-storage --postgres-url postgresql+psycopg2://...
 
 Every training figure comes from a fresh process (the real `python -m abalone.train`, or the
@@ -27,11 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
-from bench import (callback, faults, fleet_storage, overhead, report, sample, serving, storage,
-                   sweep)
+from bench import (callback, faults, fleet_storage, memory, overhead, report, sample, serving,
+                   storage, sweep, throughput)
 
 
 def main() -> None:
@@ -47,10 +51,14 @@ def main() -> None:
     parser.add_argument("--callback-pairs", type=int, default=40,
                         help="fits vary by ±20%% here; the median needs many pairs")
     parser.add_argument("--sweep-trials", type=int, default=50)
-    parser.add_argument("--sweep-overrides", nargs="*", default=[])
+    parser.add_argument("--sweep-overrides", nargs="*", default=[],
+                        help="Hydra overrides added to the sweeps' commands (sweeps, throughput, "
+                        "memory), as separate words or in one quoted string")
     parser.add_argument("--storage-trials", type=int, default=50)
     parser.add_argument("--overhead-trials", type=int, default=12,
                         help="two-epoch trials per store for the per-trial overhead")
+    parser.add_argument("--memory-trials", type=int, default=500,
+                        help="memory: two-epoch trials in one sweeping process")
     parser.add_argument("--postgres-url", default=None,
                         help="also time the study storage on this PostgreSQL database")
     parser.add_argument("--no-scale", action="store_true", help="skip the n_jobs=2 sweep")
@@ -68,8 +76,9 @@ def main() -> None:
     parser.add_argument("--sections",
                         default="default,callback,overhead,sweeps,storage,fleet-storage,serving",
                         help="comma-separated subset to run (the report shows only those); "
-                        "fleet-storage needs --postgres-url; `faults` (the fault soak) runs "
-                        "only when named")
+                        "fleet-storage needs --postgres-url; `throughput` (against the plain "
+                        "Optuna peer, --sweep-trials trials), `memory` (--memory-trials) and "
+                        "`faults` (the fault soak) run only when named")
     parser.add_argument("--seed", type=int, default=0,
                         help="faults: the soak's seed (its first sweep's schedule)")
     parser.add_argument("--minutes", type=float, default=5.0,
@@ -80,10 +89,13 @@ def main() -> None:
     if not args.data:
         parser.error("give --data or set ABALONE_DATA")
     args.data = str(Path(args.data).resolve())
+    args.sweep_overrides = [word for item in args.sweep_overrides for word in shlex.split(item)]
+    if args.memory_trials < 2:
+        parser.error("--memory-trials must be at least 2 (RSS is compared between two trials)")
     if args.smoke:
         args.repeats, args.epochs, args.callback_epochs, args.callback_pairs = 1, 2, 2, 1
         args.sweep_trials, args.storage_trials, args.serving_requests = 2, 3, 3
-        args.overhead_trials = 3
+        args.overhead_trials, args.memory_trials = 3, 3
         args.sweep_overrides = ["trainer.epochs=2", *args.sweep_overrides]
         args.fleet_workers, args.fleet_trials_per_worker, args.fleet_epochs = [2], 2, 3
         args.fleet_epoch_seconds = 0.02
@@ -115,6 +127,12 @@ def main() -> None:
         results["sweeps"] = [sweep.bench_sweep(args, 1)]
         if not args.no_scale:
             results["sweeps"].append(sweep.bench_sweep(args, 2))
+    if "throughput" in sections:
+        print("throughput: sweep=search against the plain Optuna peer ...", flush=True)
+        results["throughput"] = throughput.bench_throughput(args)
+    if "memory" in sections:
+        print(f"memory over {args.memory_trials} trials in one process ...", flush=True)
+        results["memory"] = memory.bench_memory(args)
     if "storage" in sections:
         print("study storage ...", flush=True)
         results["storage"] = storage.bench_storage(args)

@@ -1,19 +1,22 @@
-"""The benchmark's smoke mode (tiny sizes) produces every figure; the figures themselves are
+"""The benchmark's smoke mode (tiny sizes) produces every figure, and so do the sections run only
+when named (throughput against the plain Optuna peer, memory); the figures themselves are
 measured by running scripts/benchmark.py in full, never asserted as timings here."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
+import mlflow
 import pytest
+from bench.measure import with_overrides
 from bench.overhead import OTHER
 
 from conftest import REPO
 from hydra_plugins.abalone_bench.phase_timing_launcher import PARTS
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 
 def numbers(tree, path=""):
@@ -28,6 +31,8 @@ def numbers(tree, path=""):
         yield path, tree
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
 def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--smoke",
                            "--data", str(data_file), "--out", str(tmp_path / "out"),
@@ -103,3 +108,76 @@ def test_smoke_benchmark_produces_every_figure(tmp_path, data_file, postgres_url
     assert "## Serving" in report and "| 10000 |" in report
     assert "| postgresql | 2 |" in report and "| grpc_proxy | 2 |" in report
     assert "## Per-trial overhead" in report and f"| {PARTS[2]} |" in report
+
+
+def test_sections_set_their_own_overrides_once():
+    assert with_overrides({"hydra.sweeper.n_jobs": 1, "trainer.epochs": 2},
+                          ["trainer.epochs=5", "+trainer.epochs=7", "model.units=64"]) == [
+        "hydra.sweeper.n_jobs=1", "trainer.epochs=2", "model.units=64"]
+
+
+FIGURE = r"(\d+(?:\.\d+)?)"
+
+
+@pytest.mark.slow
+def test_throughput_and_memory_sections_print_their_figures(tmp_path, data_file):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--sections",
+                           "throughput,memory", "--sweep-trials", "2", "--epochs", "2",
+                           "--memory-trials", "3", "--sweep-overrides", "trainer.verbose=0",
+                           "--data", str(data_file), "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    line = re.search(
+        rf"throughput, 2 trials of 2 epochs: ours {FIGURE} s \(champion test RMSE {FIGURE}; "
+        rf"(\d+) complete, (\d+) pruned, (\d+) failed, (\d+) epochs\), peer {FIGURE} s \(best "
+        rf"trial's test RMSE {FIGURE}; (\d+) complete, (\d+) pruned, (\d+) failed, (\d+) "
+        rf"epochs\); peer/ours {FIGURE}x, per trained epoch {FIGURE}x", done.stdout)
+    assert line, done.stdout[-3000:]
+    ours_wall, ours_rmse, *ours_work = map(float, line.groups()[:6])
+    peer_wall, peer_rmse, *peer_work = map(float, line.groups()[6:12])
+    assert ours_wall > 0 and peer_wall > 0 and ours_rmse > 0 and peer_rmse > 0
+    # Two epochs never reach the pruner's eight warm-up epochs: both sides finish both trials,
+    # and each reports both epochs of each trial.
+    assert ours_work == [2, 0, 0, 4] and peer_work == [2, 0, 0, 4]
+    ratio, per_epoch = float(line.group(13)), float(line.group(14))
+    assert ratio == pytest.approx(peer_wall / ours_wall, rel=0.05)
+    assert per_epoch == pytest.approx(ratio, rel=0.05)  # the same epochs on both sides
+    line = re.search(rf"memory, 3 two-epoch trials in one process: RSS {FIGURE} MiB after trial "
+                     rf"1, {FIGURE} MiB after trial 3: ([+-]\d+) MiB, ([+-]\d+\.\d+) MiB per "
+                     "trial", done.stdout)
+    assert line, done.stdout[-3000:]
+    first, last, growth, per_trial = map(float, line.groups())
+    assert first > 100 and last > 100  # a process with TensorFlow loaded
+    assert growth == pytest.approx(last - first, abs=1) and per_trial == pytest.approx(
+        growth / 2, abs=0.6)
+    results = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert len(results["memory"]["rss_after_each_trial_mib"]) == 3
+    assert "trainer.verbose=0" in results["throughput"]["ours"]["command"]
+    met = {t["target"]: t["met"] for t in results["targets"]}
+    assert all(m.startswith("n/a (") for m in met.values()) and len(met) == 3, met
+    report = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "## Throughput" in report and "## Memory over a long sweep" in report
+
+
+@pytest.mark.slow
+def test_the_peer_tracks_every_trial_as_a_user_would(tmp_path, data_file):
+    """The peer does the tracking it is compared with: a parent run, one nested run per trial
+    with its params, every epoch's metrics and its test RMSE."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "peer_optuna.py"),
+                           "--data", str(data_file), "--tracking-uri", uri, "--trials", "2",
+                           "--epochs", "3"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["trials"] == result["complete"] == 2 and result["best_test_rmse"] > 0
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("peer-optuna")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in trials) == ["0", "1"]
+    for run in trials:
+        assert len(run.data.params) == 10 and run.data.tags["state"] == "COMPLETE"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mae")] == [0, 1, 2]
+        assert run.data.metrics["test_rmse"] > 0

@@ -87,6 +87,13 @@ def in_fresh_interpreter(function: str, arguments: tuple, cwd: Path, env: dict):
     return json.loads(measured["output"].split("RESULT ", 1)[1].splitlines()[0]), measured
 
 
+def with_overrides(fixed: dict, extra: list[str]) -> list[str]:
+    """`fixed` as KEY=VALUE overrides, then those of `extra` that set other keys: the section's
+    own values win, and each key is given once."""
+    return [*(f"{k}={v}" for k, v in fixed.items()),
+            *(o for o in extra if o.split("=", 1)[0].lstrip("+~") not in fixed)]
+
+
 def median_of(runs: list[dict], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None

@@ -10,32 +10,41 @@ from pathlib import Path
 from bench.measure import base_env, run_measured
 
 
-def bench_sweep(args, n_jobs: int) -> dict:
+def sweep_outcome(folder: Path) -> dict:
+    """What a sweep run in `folder` with its default stores left there: its trials' states and
+    the epochs they trained (their pruning reports; from the study's journal), its best
+    validation RMSE and its registered champion's test RMSE (from the folder's MLflow store)."""
     import mlflow
     import optuna
 
     from abalone.sweep.storage import make_storage
 
+    storage = make_storage(f"{folder}/optuna-studies.journal")
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db",
+                                 registry_uri=f"sqlite:///{folder}/mlflow.db")
+    champion = client.get_model_version_by_alias("abalone-tensorflow-model", "champion")
+    return {"states": [t.state.name for t in study.trials],
+            "epochs": sum(len(t.intermediate_values) for t in study.trials),
+            "best_val_rmse": study.best_value,
+            "champion_test_rmse": float(champion.tags["test_rmse"])}
+
+
+def bench_sweep(args, n_jobs: int) -> dict:
     overrides = ["-m", "sweep=search", f"hydra.sweeper.n_trials={args.sweep_trials}",
                  f"hydra.sweeper.n_jobs={n_jobs}", *args.sweep_overrides]
     with tempfile.TemporaryDirectory(prefix="abalone-bench-sweep-") as tmp:
         measured = run_measured([sys.executable, "-m", "abalone.train", *overrides], Path(tmp),
                                 base_env(args.data))
-        storage = make_storage(f"{tmp}/optuna-studies.journal")
-        (summary,) = optuna.get_all_study_summaries(storage)
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        states = [t.state.name for t in study.trials]
-        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db",
-                                     registry_uri=f"sqlite:///{tmp}/mlflow.db")
-        champion = client.get_model_version_by_alias("abalone-tensorflow-model", "champion")
-        best_value = study.best_value
+        outcome = sweep_outcome(Path(tmp))
+    states = outcome["states"]
     finished = states.count("COMPLETE") + states.count("PRUNED")
     return {"n_trials": args.sweep_trials, "n_jobs": n_jobs,
             "wall_seconds": measured["wall_seconds"],
             "trials_per_minute": finished / measured["wall_seconds"] * 60,
             "pruned_fraction": states.count("PRUNED") / len(states),
             "failed": states.count("FAIL"),
-            "best_val_rmse": best_value,
-            "champion_test_rmse": float(champion.tags["test_rmse"]),
+            "best_val_rmse": outcome["best_val_rmse"],
+            "champion_test_rmse": outcome["champion_test_rmse"],
             "peak_rss_mib": measured["peak_rss_mib"]}
-
