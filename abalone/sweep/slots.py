@@ -112,11 +112,15 @@ class Heartbeat:
         self.done = threading.Event()
 
     def __enter__(self) -> Heartbeat:
-        threading.Thread(target=self._beat, daemon=True).start()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.done.set()
+        # A beat under way holds the journal file's lock: a process that left now would leave
+        # the lock behind, and the study's other processes would wait out its 30 s grace.
+        self.thread.join()
 
     def _beat(self) -> None:
         optuna_beat = has_heartbeat(self.study)
