@@ -131,7 +131,8 @@ def test_throughput_and_memory_sections_print_their_figures(tmp_path, data_file)
         rf"throughput, 2 trials of 2 epochs: ours {FIGURE} s \(champion test RMSE {FIGURE}; "
         rf"(\d+) complete, (\d+) pruned, (\d+) failed, (\d+) epochs\), peer {FIGURE} s \(best "
         rf"trial's test RMSE {FIGURE}; (\d+) complete, (\d+) pruned, (\d+) failed, (\d+) "
-        rf"epochs\); peer/ours {FIGURE}x, per trained epoch {FIGURE}x", done.stdout)
+        rf"epochs\); peer/ours {FIGURE}x, per trained epoch {FIGURE}x; our trials' epochs took "
+        rf"{FIGURE} s in all", done.stdout)
     assert line, done.stdout[-3000:]
     ours_wall, ours_rmse, *ours_work = map(float, line.groups()[:6])
     peer_wall, peer_rmse, *peer_work = map(float, line.groups()[6:12])
@@ -142,6 +143,8 @@ def test_throughput_and_memory_sections_print_their_figures(tmp_path, data_file)
     ratio, per_epoch = float(line.group(13)), float(line.group(14))
     assert ratio == pytest.approx(peer_wall / ours_wall, rel=0.05)
     assert per_epoch == pytest.approx(ratio, rel=0.05)  # the same epochs on both sides
+    training = float(line.group(15))
+    assert 0 < training < ours_wall  # four epochs' durations, read back from MLflow
     line = re.search(rf"memory, 3 two-epoch trials in one process: RSS {FIGURE} MiB after trial "
                      rf"1, {FIGURE} MiB after trial 3: ([+-]\d+) MiB, ([+-]\d+\.\d+) MiB per "
                      "trial", done.stdout)

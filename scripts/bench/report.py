@@ -150,7 +150,11 @@ def markdown(results: dict) -> str:
                              f"{side['load_before']:.1f}"))
         lines += ["", f"- peer/ours: **{t['speedup']:.2f}x** in wall time, "
                   f"{t['speedup_per_epoch']:.2f}x per trained epoch (the samplers differ, so the "
-                  f"pruner stops different trials); our command: `{ours['command']}`"]
+                  f"pruner stops different trials); our command: `{ours['command']}`",
+                  f"- our trials' epochs took {ours['training_seconds']:.1f} s in all (each "
+                  "epoch's `epoch_duration`, traces included): with 2 trial processes, "
+                  f"{ours['training_seconds'] / 2:.1f} s of the wall time is training however "
+                  "little the rest costs"]
     if "memory" in results:
         m = results["memory"]
         lines += ["", f"## Memory over a long sweep ({m['trials']} two-epoch trials of "

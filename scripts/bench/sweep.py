@@ -13,7 +13,8 @@ from bench.measure import base_env, run_measured
 def sweep_outcome(folder: Path) -> dict:
     """What a sweep run in `folder` with its default stores left there: its trials' states and
     the epochs they trained (their pruning reports; from the study's journal), its best
-    validation RMSE and its registered champion's test RMSE (from the folder's MLflow store)."""
+    validation RMSE, its registered champion's test RMSE and the seconds its trials' epochs took
+    (from the folder's MLflow store)."""
     import mlflow
     import optuna
 
@@ -25,7 +26,11 @@ def sweep_outcome(folder: Path) -> dict:
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db",
                                  registry_uri=f"sqlite:///{folder}/mlflow.db")
     champion = client.get_model_version_by_alias("abalone-tensorflow-model", "champion")
-    return {"states": [t.state.name for t in study.trials],
+    # Each epoch's own seconds (its first includes any trace): the training the trials did.
+    training = sum(metric.value for t in study.trials if "mlflow_run_id" in t.user_attrs
+                   for metric in client.get_metric_history(t.user_attrs["mlflow_run_id"],
+                                                           "epoch_duration"))
+    return {"states": [t.state.name for t in study.trials], "training_seconds": training,
             "epochs": sum(len(t.intermediate_values) for t in study.trials),
             "best_val_rmse": study.best_value,
             "champion_test_rmse": float(champion.tags["test_rmse"])}
