@@ -1,11 +1,12 @@
-"""Training MLP regressors with one compiled TensorFlow program per depth and activation, kept across the runs of
-a process (`trainer.fit_path: reuse`): a sweep's trials stop paying a fresh trace each.
+"""Training MLP regressors with one compiled TensorFlow program per activation pattern, kept
+across the runs of a process (`trainer.fit_path: shared`): a sweep's trials stop paying a fresh
+trace each.
 
 Keras's `fit` traces its train and test functions for every new model (1-2 s here, more than the
 arithmetic of a trial's epochs). The program instead holds the network's weights, batch-norm
 statistics, Adam's moments and the dropout seeds in variables of any shape, and takes what a
-trial varies as values: widths, batch-norm and dropout switches, the learning rate
-and its cosine decay, weight decay, batch size. A run loads its freshly built Keras model's
+trial varies as values: widths, batch size, batch norm and dropout on or off, the dropout rate,
+the learning rate and its cosine decay, weight decay. A run loads its freshly built Keras model's
 initial weights and seeds into it, trains, and copies the result back: the Keras model of the
 run's own architecture is what is evaluated, logged and registered.
 
@@ -13,7 +14,7 @@ It does what `fit` does with the same Keras ops in the same order (Dense, activa
 norm, stateless dropout with the layer's seeds, MSE, Adam(W) with Keras's decoupled weight decay
 and cosine schedule, tf.data's shuffle with the trainer's seed), so per-epoch metrics agree with
 `model.fit` to float rounding (tests/test_mlp_program.py). Models it cannot run exactly (another
-shape, task, loss or optimizer) are left to `fit` (`plan` says why).
+shape, layer options, task, loss or optimizer) are left to `fit` (`plan` says why).
 """
 
 from __future__ import annotations
@@ -78,37 +79,51 @@ def plan(model: keras.Model) -> tuple[MlpPlan | None, str]:
     names = sorted(getattr(m, "name", m) for m in metrics)
     if names != ["mae", "rmse"] or getattr(compiled, "_user_weighted_metrics", None):
         return None, f"metrics {names}"
+    if model.dtype_policy.name != "float32":
+        return None, f"dtype policy {model.dtype_policy.name}"
+    # Exactly these classes (a subclass may compute otherwise), without options the program
+    # leaves out: regularizers, constraints, LoRA, quantization.
     chain = [layer for layer in model.layers
-             if isinstance(layer, (layers.Dense, layers.BatchNormalization, layers.Dropout))]
-    if not chain or not isinstance(chain[0], layers.Dense):
+             if type(layer) in (layers.Dense, layers.BatchNormalization, layers.Dropout)]
+    if not chain or type(chain[0]) is not layers.Dense:
         return None, "no Dense layers"
+    for layer in chain:
+        options = [name for name in ("kernel_regularizer", "bias_regularizer",
+                                     "activity_regularizer", "kernel_constraint",
+                                     "bias_constraint", "gamma_regularizer", "beta_regularizer",
+                                     "gamma_constraint", "beta_constraint", "quantization_mode")
+                   if getattr(layer, name, None) is not None]
+        if options or getattr(layer, "lora_enabled", False) or not layer.trainable:
+            return None, f"layer {layer.name}'s {options or 'LoRA or frozen weights'}"
     # The chain must end the model and feed itself: each layer's input is the previous output.
     if model.layers[-len(chain):] != chain or any(
             b.input is not a.output for a, b in zip(chain, chain[1:])) or \
             chain[-1].output is not model.outputs[0]:
         return None, "layers other than Dense, BatchNormalization, Dropout after the features"
     head = chain[-1]
-    if not isinstance(head, layers.Dense) or head.units != 1 or \
+    if type(head) is not layers.Dense or head.units != 1 or \
             head.activation is not keras.activations.linear:
         return None, "a head other than one linear unit"
     blocks: list[Block] = []
     for layer in chain[:-1]:
-        if isinstance(layer, layers.Dense):
+        if type(layer) is layers.Dense:
             if not layer.use_bias:
                 return None, f"layer {layer.name} without a bias"
             blocks.append(Block(layer, None, None))
         elif not blocks:
             return None, f"{layer.name} before the first Dense layer"
-        elif isinstance(layer, layers.BatchNormalization) and blocks[-1].norm is None \
+        elif type(layer) is layers.BatchNormalization and blocks[-1].norm is None \
                 and blocks[-1].dropout is None and layer.scale and layer.center \
                 and not layer.renorm and layer.axis in (-1, [-1], 1, [1]):
             blocks[-1].norm = layer
-        elif isinstance(layer, layers.Dropout) and blocks[-1].dropout is None \
+        elif type(layer) is layers.Dropout and blocks[-1].dropout is None \
                 and layer.noise_shape is None:
             blocks[-1].dropout = layer
         else:
             return None, f"layer {layer.name} where a program has none"
     features = keras.Model(model.inputs, chain[0].input)
+    if features.trainable_weights:  # the program trains the chain alone
+        return None, "trainable layers before the Dense layers"
     return MlpPlan(model, features, blocks, head, opt), ""
 
 

@@ -115,3 +115,28 @@ def test_models_it_cannot_train_exactly_go_to_model_fit(overrides, reason, data_
     if reason:  # else: the model is fine, the setting asks for Keras's own loop
         plan, why = mlp_program.plan(ready.model)
         assert plan is None and why.startswith(reason)
+
+
+def test_a_layer_option_the_program_leaves_out_sends_the_model_to_model_fit():
+    import keras
+
+    def compiled(hidden):
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, keras.layers.Dense(1)(hidden(inputs)))
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse",
+                      metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
+                               keras.metrics.MeanAbsoluteError(name="mae")])
+        return model
+
+    plan, why = mlp_program.plan(compiled(keras.layers.Dense(4, activation="relu")))
+    assert plan is not None and why == ""
+    plan, why = mlp_program.plan(compiled(keras.layers.Dense(
+        4, kernel_regularizer=keras.regularizers.L2(0.01))))
+    assert plan is None and "kernel_regularizer" in why
+
+    class Scaled(keras.layers.Dense):  # a subclass may compute otherwise
+        def call(self, x):
+            return 2 * super().call(x)
+
+    plan, why = mlp_program.plan(compiled(Scaled(4)))
+    assert plan is None
