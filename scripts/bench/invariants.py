@@ -6,7 +6,14 @@
 - every metric of every trial run has each step once (no doubled epoch), epochs 1..n unbroken;
 - the best trial's model is registered once (one version for its run) and holds `champion`;
 - the study's finished trials are `n_trials` (when the sweep exited 0), and no starting point was
-  queued twice;
+  queued twice. The rule for failures: a trial failed by a transport fault (its `transport_fault`
+  attribute, abalone.sweep.slots.transport_fault) was queued again and does not count; a trial
+  failed by its own training counts towards n_trials, and no trial of the soak fails so, so with
+  exit 0 every counted trial must have finished;
+- the output folder in S3 of every trial run is complete or absent, never half there: a run of a
+  COMPLETE trial has its folder with `_COMPLETE` and every file that manifest lists (sizes
+  equal); any other run's folder, if its `_COMPLETE` is there, is whole too (an upload cut short
+  leaves no `_COMPLETE`, and readers take it as absent);
 - the command's exit code and last line agree (0 and the study's summary; else an `error:` or
   `interrupted:` line).
 """
@@ -58,11 +65,40 @@ def run_breaches(client, experiment_id: str) -> tuple[list[str], dict, list]:
     return breaches, by_number, parents
 
 
+def s3_breaches(s3, output_uri: str, runs: dict[str, bool]) -> list[str]:
+    """Breaches among the output folders at `output_uri` (s3://bucket/prefix) of `runs` (run id
+    -> whether its trial is COMPLETE), read through the boto3 client `s3`."""
+    import json
+
+    bucket, _, prefix = output_uri[len("s3://"):].partition("/")
+    breaches = []
+    for run_id, complete in sorted(runs.items()):
+        base = "/".join(p for p in (prefix.strip("/"), run_id) if p)
+        found = {}
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                 Prefix=f"{base}/"):
+            found.update({o["Key"][len(base) + 1:]: o["Size"] for o in page.get("Contents", [])})
+        if "_COMPLETE" not in found:
+            if complete:
+                breaches.append(f"run {run_id} (COMPLETE) has no _COMPLETE in s3://{bucket}/"
+                                f"{base}/ ({len(found)} objects there)")
+            continue
+        listed = json.loads(s3.get_object(Bucket=bucket, Key=f"{base}/_COMPLETE")["Body"]
+                            .read())["files"]
+        wrong = sorted(k for k, size in listed.items() if found.get(k) != size)
+        if wrong or not listed:
+            breaches.append(f"s3://{bucket}/{base}/ is half there: _COMPLETE lists "
+                            f"{len(listed)} files, missing or of another size: {wrong}")
+    return breaches
+
+
 def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: str | None,
                    starting_points: list[dict] = (), exit_code: int | None = None,
-                   last_line: str = "") -> list[str]:
+                   last_line: str = "", s3=None, output_uri: str | None = None) -> list[str]:
     """Every breach of the sweep's invariants (see the module's docstring)."""
     from optuna.trial import TrialState
+
+    from abalone.sweep.slots import retried_number
 
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -76,6 +112,12 @@ def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: 
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and \
                 trial.number not in by_number and "mlflow_run_id" in trial.user_attrs:
             breaches.append(f"trial {trial.number} ({trial.state.name}) has no MLflow run")
+    retried = {retried_number(t) for t in trials}
+    for trial in trials:
+        if trial.state == TrialState.FAIL and "transport_fault" in trial.user_attrs \
+                and trial.number not in retried:
+            breaches.append(f"trial {trial.number} failed by a transport fault "
+                            f"({trial.user_attrs['transport_fault']}) but was not queued again")
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     if exit_code == 0 and n_trials is not None and len(finished) != n_trials:
         errors = [f"trial {t.number}: {t.user_attrs.get('error')}" for t in trials
@@ -96,6 +138,12 @@ def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: 
         if len(versions) != 1:
             breaches.append(f"the best trial's run {best_run} has {len(versions)} versions of "
                             f"{model} (want 1)")
+    if s3 is not None and output_uri:
+        runs = {}
+        for trial in trials:
+            for run in by_number.get(trial.number, ()):
+                runs[run.info.run_id] = trial.state == TrialState.COMPLETE
+        breaches += s3_breaches(s3, output_uri, runs)
     if exit_code is not None:
         ok = exit_code == 0
         said = last_line.strip()
