@@ -206,9 +206,10 @@ def test_hosts_opening_one_study_at_once_queue_each_point_and_elect_one_parent(t
     assert len(client.search_runs(["0"], "tags.`abalone.role` = 'sweep'")) == 1
 
 
-# CI's short soak: seeds whose schedules draw each process fault (see bench/faults.py
-# `schedule`), with network faults in front of MLflow, S3 and (81) PostgreSQL besides.
-SOAK_SEEDS = {181: "kill-trial", 57: "kill-coordinator", 166: "kill-mlflow", 81: "kill-postgres"}
+# CI's short soak (about 3 minutes): seeds whose schedules draw a process fault (see
+# bench/faults.py `schedule`), with network faults in front of MLflow, S3 and (81) PostgreSQL
+# besides. kill -9 of the `mlflow server` (seed 166, for one) is left to the soak.
+SOAK_SEEDS = {181: "kill-trial", 57: "kill-coordinator", 81: "kill-postgres"}
 
 
 @pytest.mark.postgres
@@ -230,4 +231,4 @@ def test_soak_fixed_seeds_keep_every_invariant(data_file):
         kind: 1 for kind in SOAK_SEEDS.values()}
     for server in ("mlflow", "s3", "postgres"):
         assert sum(n for kind, n in injected.items() if kind.startswith(server)) >= 1, injected
-    assert summary["sweeps"][3]["plan"]["storage"] == "postgres"
+    assert summary["sweeps"][2]["plan"]["storage"] == "postgres"

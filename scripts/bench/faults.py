@@ -9,8 +9,10 @@
   `mlflow server` (its process group; restarted on the same port and store) or of PostgreSQL's
   postmaster and backends (restarted on the same data folder).
 
-A sweep a fault stopped is rerun with the network faults off, as a user would rerun it, until it
-exits 0 (at most twice). Then the invariants (bench/invariants.py) are checked; a breach is
+A process fault strikes at a drawn moment of the sweep (a trial process: once it runs a trial),
+in its first attempt or a rerun. A sweep a fault stopped is rerun with the network faults off, a
+few seconds later, as a user would rerun it, until it exits 0: at most twice, or three times if
+the process fault struck the second rerun. Then the invariants (bench/invariants.py) are checked; a breach is
 printed with the sweep's seed, which `--sections faults --seed <that seed> --minutes 0` replays
 as the first sweep."""
 
@@ -29,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.faultproxy import FaultProxy, TcpFaultProxy
-from bench.invariants import sweep_breaches
+from bench.invariants import CHECKED, sweep_breaches
 from bench.measure import base_env
 from bench.services import Postgres, free_port, gone, start_mlflow_server, stop, wait_for_http
 
@@ -172,6 +174,7 @@ def strike(kind: str, plan: dict, current: dict, services: Services, done: threa
         record["missed"] = "no trial process ran after the strike time"
         return
     record["struck"] = kind
+    record["struck_in"] = current["attempt"]
 
 
 def one_sweep(number: int, seed: int, services: Services, data: str, root: Path) -> dict:
@@ -218,7 +221,10 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
     striker = threading.Thread(target=strike, args=(plan["process"], plan, current, services,
                                                     done, record, running_pids), daemon=True)
     try:
-        for attempt in range(1 + RERUNS):
+        attempt = 0
+        # Reruns after the first attempt; a process fault that strikes the last one earns one more.
+        while attempt <= RERUNS + (record.get("struck_in") == attempt - 1):
+            current["attempt"] = attempt
             current["command"] = command = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, start_new_session=True)
@@ -242,6 +248,8 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
                 break
             for proxy in proxies.values():  # the rerun meets no network faults
                 proxy.enabled = False
+            time.sleep(max(p.cut_seconds for p in proxies.values()) + 1)  # as a user would
+            attempt += 1
     finally:
         done.set()
         if striker.is_alive():
@@ -299,13 +307,16 @@ def bench_faults(args, seeds: list[int] = ()) -> dict:
         print(f"  the sweeps' output and logs are kept in {root}", flush=True)
     else:
         shutil.rmtree(root, ignore_errors=True)
+    checked = dict(CHECKED)
     summary = {"seed": args.seed, "minutes": args.minutes, "sweeps_completed": len(sweeps),
                "resumed": sum(len(s["attempts"]) > 1 for s in sweeps),
-               "invariants_checked": len(sweeps), "faults_injected": dict(injected),
+               "missed": sum(bool(s["missed"]) for s in sweeps),
+               "invariants_checked": checked, "faults_injected": dict(injected),
                "breaches": breaches, "sweeps": sweeps}
     print(f"faults: {len(sweeps)} sweeps, {summary['resumed']} rerun after a fault stopped "
-          f"them; faults injected {dict(sorted(injected.items()))}; invariants checked after "
-          f"{len(sweeps)} sweeps; breaches {len(breaches)}", flush=True)
+          f"them, {summary['missed']} whose process fault found no target; faults injected "
+          f"{sum(injected.values())}: {dict(sorted(injected.items()))}; invariants checked "
+          f"after every sweep, over {checked}; breaches {len(breaches)}", flush=True)
     for line in breaches:
         print(f"  BREACH {line}", flush=True)
     return summary

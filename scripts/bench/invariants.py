@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+# What the checks below looked at, by kind, since the process started (the soak reports it).
+CHECKED: Counter = Counter()
 EPOCH_METRICS = ("loss", "val_loss", "rmse", "val_rmse", "mae", "val_mae", "learning_rate",
                  "epoch_duration")
 
@@ -40,6 +42,7 @@ def run_breaches(client, experiment_id: str) -> tuple[list[str], dict, list]:
                         f"{[p.info.run_id for p in parents]}")
     parent_ids = {p.info.run_id for p in parents}
     by_number: dict[int, list] = {}
+    CHECKED["runs"] += len(runs)
     for run in runs:
         if run.info.status == "RUNNING":
             breaches.append(f"run {run.info.run_id} ({run.info.run_name}) left RUNNING")
@@ -51,6 +54,7 @@ def run_breaches(client, experiment_id: str) -> tuple[list[str], dict, list]:
             breaches.append(f"trial {number}'s run {run.info.run_id} is not nested under the "
                             "parent run")
         for key in EPOCH_METRICS:
+            CHECKED["metric histories"] += 1
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             doubled = sorted(s for s, n in Counter(steps).items() if n > 1)
             if doubled:
@@ -73,6 +77,7 @@ def s3_breaches(s3, output_uri: str, runs: dict[str, bool]) -> list[str]:
     bucket, _, prefix = output_uri[len("s3://"):].partition("/")
     breaches = []
     for run_id, complete in sorted(runs.items()):
+        CHECKED["s3 folders"] += 1
         base = "/".join(p for p in (prefix.strip("/"), run_id) if p)
         found = {}
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket,
@@ -105,6 +110,7 @@ def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: 
         return [f"no MLflow experiment {experiment!r}"]
     breaches, by_number, _ = run_breaches(client, found.experiment_id)
     trials = study.get_trials(deepcopy=False)
+    CHECKED["trials"] += len(trials)
     numbers = [t.number for t in trials]
     if len(set(numbers)) != len(numbers):
         breaches.append(f"duplicate trial numbers: {sorted(numbers)}")
@@ -135,6 +141,7 @@ def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: 
     if model and exit_code == 0 and any(t.state == TrialState.COMPLETE for t in trials):
         best_run = study.best_trial.user_attrs.get("mlflow_run_id")
         versions = client.search_model_versions(f"name = '{model}' and run_id = '{best_run}'")
+        CHECKED["champions"] += 1
         if len(versions) != 1:
             breaches.append(f"the best trial's run {best_run} has {len(versions)} versions of "
                             f"{model} (want 1)")
@@ -145,6 +152,7 @@ def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: 
                 runs[run.info.run_id] = trial.state == TrialState.COMPLETE
         breaches += s3_breaches(s3, output_uri, runs)
     if exit_code is not None:
+        CHECKED["exits"] += 1
         ok = exit_code == 0
         said = last_line.strip()
         if ok and said.startswith(("error:", "interrupted:")):
