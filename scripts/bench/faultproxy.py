@@ -215,9 +215,15 @@ class TcpFaultProxy(FaultProxy):
                 ended.set()
                 for sock in (client, upstream):
                     try:
-                        self._reset(sock)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                        # Shut down first: a close alone waits for the recv the other thread
+                        # is blocked in, so neither peer would hear (a server's session would
+                        # stay idle in its transaction, holding its locks).
+                        sock.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
+                    sock.close()
 
         def replies() -> None:
             try:

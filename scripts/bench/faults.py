@@ -43,6 +43,7 @@ PROCESS_FAULTS = ("kill-trial", "kill-coordinator", "kill-mlflow", "kill-postgre
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "soak", "AWS_SECRET_ACCESS_KEY": "soak",
                   "AWS_DEFAULT_REGION": "us-east-1"}
 RERUNS = 2
+HUNG_AFTER = 600  # seconds: an attempt (2 trials of 3 epochs, about a minute) this long is hung
 
 
 def schedule(seed: int, postgres: bool) -> dict:
@@ -231,11 +232,11 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
             if attempt == 0 and plan["process"]:
                 striker.start()
             try:  # (until its workers close their output too)
-                output, _ = command.communicate(timeout=1200)
+                output, _ = command.communicate(timeout=HUNG_AFTER)
             except subprocess.TimeoutExpired:
                 os.killpg(command.pid, signal.SIGKILL)
                 output, _ = command.communicate()
-                output += "\nhung: killed after 1200 s"
+                output += f"\nhung: killed after {HUNG_AFTER} s"
             # Workers a killed coordinator left go on with their share: wait for them.
             deadline = time.monotonic() + 900
             while any(not gone(p) for p in record.get("orphans", ())) \
@@ -262,6 +263,8 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
     code, last = attempts[-1]
     breaches = sweep_breaches(client, study_name, study, N_TRIALS, study_name, exit_code=code,
                               last_line=last, s3=services.s3, output_uri=output_uri)
+    breaches += [f"attempt {i} hung: killed after {HUNG_AFTER} s" for i, (_, line)
+                 in enumerate(attempts) if line.startswith("hung:")]
     if code != 0:
         breaches.append(f"the sweep did not complete in {len(attempts)} attempts: exit {code}, "
                         f"{last!r} (its output: {cwd})")
