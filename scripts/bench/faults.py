@@ -110,7 +110,7 @@ class Services:
     def kill_postgres(self, down_for: float) -> None:
         self.postgres.kill()
         time.sleep(down_for)
-        self.postgres.start()
+        self.postgres.start_again()
 
     def close(self) -> None:
         stop(self.mlflow)
@@ -164,11 +164,12 @@ def strike(kind: str, plan: dict, current: dict, services: Services, done: threa
             record["orphans"] = _sweep_processes(command.pid)  # they finish their share
             os.kill(command.pid, signal.SIGKILL)
             break
-        elif kind == "kill-mlflow":
-            services.kill_mlflow(plan["down_for"])
-            break
-        elif kind == "kill-postgres":
-            services.kill_postgres(plan["down_for"])
+        elif kind in ("kill-mlflow", "kill-postgres"):
+            try:
+                (services.kill_mlflow if kind == "kill-mlflow" else services.kill_postgres)(
+                    plan["down_for"])
+            except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+                record["restart_failed"] = f"{kind}: the restart failed: {err}"
             break
         time.sleep(0.5)
     else:
@@ -257,6 +258,8 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
             striker.join()
         for proxy in proxies.values():
             proxy.close()
+    if record.get("restart_failed"):  # the harness's own failure: the soak cannot go on
+        raise RuntimeError(f"seed {seed}: {record['restart_failed']} (output: {cwd})")
     study = optuna.load_study(study_name=study_name, storage=make_storage(direct))
     client = mlflow.MlflowClient(tracking_uri=services.mlflow_url,
                                  registry_uri=services.mlflow_url)

@@ -112,29 +112,43 @@ class Postgres:
         self._ctl("-l", str(self.root / "server.log"), "-w", "-o",
                   f"-h 127.0.0.1 -p {self.port} -k {self.root} -F", "start")
 
-    def postmaster_pid(self) -> int | None:
-        try:
-            return int((self.data / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+    def _processes(self) -> list[int]:
+        """The cluster's processes: the postmaster and its children run in its data folder."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and os.readlink(entry / "cwd") == str(self.data):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return [pid for pid in found if not gone(pid)]
 
     def kill(self) -> None:
-        """kill -9 of the postmaster, then of its backends (as a crashed host leaves none)."""
+        """kill -9 of the postmaster and every backend (as a crashed host leaves none); one
+        forked meanwhile is killed in the next round."""
         import signal
 
-        pid = self.postmaster_pid()
-        if pid is None:
-            return
-        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-                    ] if Path(f"/proc/{pid}").exists() else []
-        for victim in (pid, *children):
-            try:
-                os.kill(victim, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(map(gone, (pid, *children))):
-            time.sleep(0.1)
+        while (victims := self._processes()) and time.monotonic() < deadline:
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+    def start_again(self, attempts: int = 10) -> None:
+        """`start` after a kill: the port and shared memory of the killed cluster may take a
+        moment to be released."""
+        for attempt in range(attempts):
+            try:
+                self.start()
+                return
+            except subprocess.CalledProcessError:
+                if attempt == attempts - 1:
+                    log = (self.root / "server.log").read_text()[-2000:]
+                    raise RuntimeError(f"PostgreSQL did not start again: {log}") from None
+                time.sleep(2)
 
     def create_database(self, name: str) -> str:
         """A new, empty database; returns its URL."""
