@@ -114,9 +114,16 @@ def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: 
     numbers = [t.number for t in trials]
     if len(set(numbers)) != len(numbers):
         breaches.append(f"duplicate trial numbers: {sorted(numbers)}")
+    by_trial = {t.number: t for t in trials}
     for trial in trials:
+        # A retry starts with the failed trial's attributes (Optuna's retry callback copies
+        # them): its run id is its own only once its run replaced it.
+        previous = by_trial.get(retried_number(trial))
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        own_run = run_id is not None and (previous is None
+                                          or previous.user_attrs.get("mlflow_run_id") != run_id)
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and \
-                trial.number not in by_number and "mlflow_run_id" in trial.user_attrs:
+                trial.number not in by_number and own_run:
             breaches.append(f"trial {trial.number} ({trial.state.name}) has no MLflow run")
     retried = {retried_number(t) for t in trials}
     for trial in trials:
