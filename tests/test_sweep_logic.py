@@ -205,6 +205,7 @@ def test_a_trial_no_process_marked_is_failed_and_queued_again_once_it_has_aged(t
     study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path / 'study.db'}",
                                                      stale_after=600))
     orphan = study.ask({"x": FloatDistribution(0, 1)})
+    orphan.set_user_attr("host", slots.HOST)  # its process died in mark_owner, before the pid
     mine = study.ask({"x": FloatDistribution(0, 1)})
     slots.mark_owner(mine)
     monkeypatch.setattr(slots, "UNMARKED_AFTER", 2.0)

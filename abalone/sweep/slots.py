@@ -189,6 +189,12 @@ def _process_alive(pid: int) -> bool:
 UNMARKED_AFTER = 60.0
 
 
+def marked(trial: FrozenTrial) -> bool:
+    """Whether `mark_owner` named the trial's process: its attributes are set one by one, so
+    a process that died (or lost the storage) in between leaves a host without a pid."""
+    return bool(trial.user_attrs.get("host") and trial.user_attrs.get("pid"))
+
+
 def wait_out_unmarked(study: optuna.Study, stale_after: float,
                       on_failed: Callable[[FrozenTrial], None]) -> bool:
     """Whether, after waiting for them to age, this process failed and queued again RUNNING
@@ -196,7 +202,7 @@ def wait_out_unmarked(study: optuna.Study, stale_after: float,
     other work calls it: such a trial holds its slot and nobody would ever end it."""
     while True:
         unmarked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                    if not t.user_attrs.get("host")]
+                    if not marked(t)]
         if not unmarked:
             return False
         if fail_stale_trials(study, stale_after, on_failed):
@@ -214,7 +220,7 @@ def fail_stale_trials(study: optuna.Study, stale_after: float,
     now = time.time()
     for trial in running:
         attrs = trial.user_attrs
-        if not attrs.get("host"):  # asked, never marked (`wait_out_unmarked`)
+        if not marked(trial):  # asked, never (or half) marked: `wait_out_unmarked`
             if now - trial.datetime_start.timestamp() > min(stale_after, UNMARKED_AFTER):
                 stale.append(trial)
             continue
