@@ -8,12 +8,10 @@ or trains through the CLI; `container`, `browser`, `postgres` for what it needs 
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import http.client
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -29,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from bench.services import (  # noqa: F401 - test files import them from here
-    free_port, start_mlflow_server, stop, wait_for_http)
+    Postgres, free_port, start_mlflow_server, stop, wait_for_http)
 
 REPO = Path(__file__).resolve().parents[1]
 # How long one tiny CLI run may take before the test calls it hung (import + 2 epochs ~ 15 s).
@@ -140,27 +138,13 @@ def sweep_runs(client, experiment: str = "abalone-tensorflow-experiment"):
 @pytest.fixture(scope="session")
 def postgres_cluster():
     """A throwaway PostgreSQL cluster from Debian's server binaries, on 127.0.0.1 only."""
-    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bindirs:
-        pytest.fail("PostgreSQL's server binaries are missing: scripts/test.sh installs Debian's "
-                    "postgresql package")
-    bindir = Path(bindirs[-1]).parent
     root = Path(tempfile.mkdtemp(prefix="abalone-pg-"))
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        account = pwd.getpwnam("postgres")
-        os.chown(root, account.pw_uid, account.pw_gid)
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", free_port()
-    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-                    "--auth=trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l",
-                    str(root / "server.log"), "-w", "-o",
-                    f"-h 127.0.0.1 -p {port} -k {root} -F", "start"], check=True,
-                   capture_output=True)
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
-    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                    "stop"], capture_output=True)
+    try:
+        cluster = Postgres(root)
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    yield cluster.url
+    cluster.stop()
     shutil.rmtree(root, ignore_errors=True)
 
 

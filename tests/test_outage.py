@@ -20,6 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from abalone.sweep import slots
+
 from conftest import (CLI_TIMEOUT, Proxy, free_port, load_study, poll, scrubbed_environ,
                       start_mlflow_server, sweep_runs)
 
@@ -213,9 +215,11 @@ def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttl
     assert re.search(rf"error: the MLflow tracking server at {server.url} was unreachable for "
                      r"\d+s, longer than tracking.outage_grace=3s", out), out[-6000:]
     assert len(outage_lines(out)[0]) == 1
-    # The sweep stopped instead of failing trial after trial.
+    # The sweep stopped instead of failing trial after trial; the outage failed the trial, not
+    # its parameters, which are queued again.
     journal = str(tmp_path / "optuna-studies.journal")
-    assert [t.state for t in load_study(journal).trials] == [TrialState.FAIL]
+    assert [t.state for t in load_study(journal).trials] == [TrialState.FAIL,
+                                                              TrialState.WAITING]
 
     server.start()
     proxy = Proxy(server.url)
@@ -234,7 +238,13 @@ def test_outage_beyond_grace_stops_the_sweep_and_a_rerun_resumes_through_throttl
         assert len(down) == 1 and "HTTP 503" in down[0] and len(back) == 1, sweep.output[-6000:]
 
         study = load_study(journal)
-        assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+        # The outage failed trial 0, not its parameters: they ran again (trial 1), and
+        # n_trials=2 finished trials besides.
+        assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE,
+                                                   TrialState.COMPLETE]
+        assert study.trials[0].user_attrs["transport_fault"]
+        assert slots.retried_number(study.trials[1]) == 0
+        assert study.trials[1].params == study.trials[0].params
         client = MlflowClient(tracking_uri=server.url)
         runs = assert_trial_runs_whole(client, study)
         # The run the outage left RUNNING was ended by the rerun.

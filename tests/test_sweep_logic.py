@@ -195,6 +195,91 @@ def test_a_dead_process_s_trial_fails_at_once_and_a_silent_one_after_stale_after
     assert slots.fail_stale_trials(study, 60, ended.append) == []  # once
 
 
+def test_a_trial_no_process_marked_is_failed_and_queued_again_once_it_has_aged(tmp_path,
+                                                                              monkeypatch):
+    """A process that died (or lost the database's reply) between ask and mark_owner leaves a
+    RUNNING trial that Optuna's heartbeat never fails (it has no beat): it would hold its slot
+    for ever, and a rerun would end 'complete' with a trial short."""
+    from abalone.sweep.storage import make_storage
+
+    study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path / 'study.db'}",
+                                                     stale_after=600))
+    orphan = study.ask({"x": FloatDistribution(0, 1)})
+    orphan.set_user_attr("host", slots.HOST)  # its process died in mark_owner, before the pid
+    mine = study.ask({"x": FloatDistribution(0, 1)})
+    slots.mark_owner(mine)
+    monkeypatch.setattr(slots, "UNMARKED_AFTER", 2.0)
+    assert slots.fail_stale_trials(study, 600, lambda t: None) == []  # it may be marked yet
+    ended, start = [], time.monotonic()
+    assert slots.wait_out_unmarked(study, 600, ended.append)
+    assert 1.0 <= time.monotonic() - start < 10
+    assert [t.number for t in ended] == [orphan.number]
+    states = {t.number: t.state for t in study.trials}
+    assert states[orphan.number] == TrialState.FAIL and states[mine.number] == TrialState.RUNNING
+    (retry,) = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert slots.retried_number(retry) == orphan.number
+    assert not slots.wait_out_unmarked(study, 600, ended.append)  # none left: no wait
+
+
+def _raised(make):
+    try:
+        make()
+    except Exception as err:  # noqa: BLE001 - the error as the sweep would get it
+        return err
+    raise AssertionError("nothing raised")
+
+
+def test_a_transport_fault_is_told_from_a_trial_s_own_error():
+    """Which failed trials are queued again rather than counted (abalone.sweep.slots)."""
+    import botocore.exceptions
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    from abalone.aws import AwsError
+    from abalone.tracking import TrackingError
+
+    def mlflow_lost():
+        try:
+            raise requests.exceptions.ConnectionError("('Connection aborted.', "
+                                                      "ConnectionResetError(104))")
+        except requests.exceptions.ConnectionError as err:
+            raise MlflowException(f"API request to http://x failed with exception {err}")
+
+    def s3_says(status):
+        def upload():
+            try:
+                raise botocore.exceptions.ClientError(
+                    {"Error": {"Code": "X"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                    "PutObject")
+            except botocore.exceptions.ClientError as err:
+                raise AwsError("uploading run to s3://b/p failed") from err
+        return upload
+
+    def database_gone():
+        try:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception(
+                "server closed the connection unexpectedly"))
+        except sqlalchemy.exc.OperationalError as err:
+            raise optuna.exceptions.StorageInternalError("during the commit") from err
+
+    transport = {
+        "mlflow": _raised(mlflow_lost),
+        "mlflow 503": MlflowException("503", error_code=TEMPORARILY_UNAVAILABLE),
+        "s3 503": _raised(s3_says(503)), "s3 429": _raised(s3_says(429)),
+        "database": _raised(database_gone), "reset": ConnectionResetError(104, "reset"),
+        "outage": TrackingError("the MLflow tracking server was unreachable for 600s")}
+    for name, error in transport.items():
+        assert slots.transport_fault(error), name
+    assert slots.transport_fault(transport["mlflow"]).startswith("ConnectionError: ")
+    own = {"s3 403": _raised(s3_says(403)), "value": ValueError("loss is NaN"),
+           "mlflow 400": MlflowException("bad", error_code=INVALID_PARAMETER_VALUE),
+           "none": None}
+    for name, error in own.items():
+        assert slots.transport_fault(error) is None, name
+
+
 def test_optuna_s_heartbeat_fails_a_silent_trial_of_a_database_storage(tmp_path):
     from abalone.sweep.storage import make_storage
 

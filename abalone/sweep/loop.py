@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from hydra.core.utils import JobStatus
 from omegaconf import DictConfig
 from optuna.trial import TrialState
@@ -51,6 +52,18 @@ def run_sweep(settings: DictConfig, arguments: list[str], config: DictConfig, hy
         print("interrupted: the running trial was marked FAIL; finished trials are kept "
               "in the study", file=sys.stderr)
         sys.exit(130)
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+            optuna.exceptions.StorageInternalError) as err:
+        # The study's database went away mid-sweep (it restarted, the network cut): what it
+        # recorded is kept, and a trial left RUNNING is failed and queued again on resume.
+        # Optuna wraps the driver's error in StorageInternalError ("... during the commit").
+        cause = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and \
+            err.__cause__ is not None else err
+        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines() or [
+            type(cause).__name__]
+        print(f"error: the study's database (hydra.sweeper.storage) failed mid-sweep: "
+              f"{reason[0]}; rerun the same command to resume the study", file=sys.stderr)
+        sys.exit(1)
     except Exception:
         if tracking.OUTAGE.given_up:  # e.g. the champion's registration outlasted the grace
             print(f"error: {tracking.OUTAGE.given_up}", file=sys.stderr)
@@ -176,7 +189,8 @@ class Sweep:
     def run_trials(self) -> None:
         failures = 0
         n_trials = self.plan.n_trials
-        while slots.work_left(self.study, n_trials):
+        while slots.work_left(self.study, n_trials) or slots.wait_out_unmarked(
+                self.study, self.settings.stale_after, self.end_stale_run):
             if self.interrupted.is_set():  # a Ctrl-C lost after the last trial's training
                 raise KeyboardInterrupt
             slots.fail_stale_trials(self.study, self.settings.stale_after, self.end_stale_run)
@@ -300,6 +314,11 @@ class Sweep:
             return "PRUNED", values, ""
         if error is not None or not values or not all(math.isfinite(v) for v in values):
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
+            fault = slots.transport_fault(error)
+            if fault:  # its parameters were not judged: run them again (abalone.sweep.slots)
+                trial.set_user_attr("transport_fault", fault)
+                slots.fail_and_retry(self.study, trial)
+                return "FAIL", values, f"queued again: {fault}"
             self.study.tell(trial, state=TrialState.FAIL)
             return "FAIL", values, ""
         broken = []

@@ -50,7 +50,8 @@ def trial_line(sweep, trial, state: str, values, error, seconds: float, note: st
     front, champion = best(sweep)
     shown = "  ".join(f"{m} {value_text(m, v)}" for m, v in zip(
         metrics, values if state == "COMPLETE" else ["-"] * len(metrics)))
-    reason = f"  {type(error).__name__}: {error}" if state == "FAIL" else note and f"  {note}"
+    reason = (f"  {type(error).__name__}: {error}" + (note and f" ({note})") if state == "FAIL"
+              else note and f"  {note}")
     log.info("trial %3d  %-8s  %s  %s  %.1fs%s", trial.number, state, shown,
              best_text(sweep.plan, front, champion), seconds, reason)
     if sweep.client and champion is not None:

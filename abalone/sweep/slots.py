@@ -7,6 +7,12 @@ parameters queued again by Optuna's `RetryHeartbeatStaleTrialCallback`, and the 
 slot. A trial may start only while fewer than `n_trials` trials numbered before it hold slots;
 numbers come from the storage, so no two processes can both take the last slot.
 
+A trial failed by a transport fault (`transport_fault`: a connection to the tracking server,
+the study's database or S3 lost, reset or refused; their 503/429 after retries; an outage past
+the grace) is failed and queued again too: its parameters were not judged, so it neither counts
+towards `n_trials` nor stands in the study as a bad point. Each still counts towards the
+process's `max_failures`, so a server that stays broken stops the sweep.
+
 Staleness: a RUNNING trial of this host whose process is gone fails at once, whatever the
 storage (Optuna has no such check). A trial silent for `stale_after` seconds fails by Optuna's
 heartbeat where the storage has one (`RDBStorage`: `heartbeat_interval`, `grace_period`,
@@ -17,6 +23,7 @@ heartbeat is a trial attribute this module writes and reads.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -31,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from abalone.sweep.space import WARM_START_OF
 
 HOST = socket.gethostname()
+log = logging.getLogger(__name__)
 
 
 def _pid_namespace() -> str:
@@ -86,6 +94,38 @@ def fail_and_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> No
     RETRY(study, study._storage.get_trial(trial._trial_id))
 
 
+# MLflow's names for the answers of a server that is unavailable or throttling (HTTP 503, 429).
+TRANSIENT_MLFLOW_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+
+
+def transport_fault(error: BaseException | None) -> str | None:
+    """What in `error`'s chain says the trial was failed by its transport rather than by its
+    own training (None if nothing does): the exception's type and first line."""
+    import botocore.exceptions
+    import requests
+    import sqlalchemy.exc
+    import urllib3
+
+    from abalone.tracking import TrackingError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        status = (getattr(error, "response", None) or {}).get("ResponseMetadata", {}).get(
+            "HTTPStatusCode") if isinstance(error, botocore.exceptions.ClientError) else None
+        if isinstance(error, (ConnectionError, TimeoutError, TrackingError,
+                              requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                              urllib3.exceptions.HTTPError, botocore.exceptions.ConnectionError,
+                              botocore.exceptions.HTTPClientError,
+                              sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) \
+                or getattr(error, "error_code", None) in TRANSIENT_MLFLOW_CODES \
+                or (status is not None and (status >= 500 or status == 429)):
+            return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}" \
+                if str(error).strip() else type(error).__name__
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def has_heartbeat(study: optuna.Study) -> bool:
     """Whether the study's storage keeps Optuna's own heartbeat."""
     storage = study._storage
@@ -125,12 +165,16 @@ class Heartbeat:
     def _beat(self) -> None:
         optuna_beat = has_heartbeat(self.study)
         while True:
-            if optuna_beat:
-                self.study._storage.record_heartbeat(self.trial._trial_id)
+            try:
+                if optuna_beat:
+                    self.study._storage.record_heartbeat(self.trial._trial_id)
+                elif not self.done.is_set():
+                    self.trial.set_user_attr("heartbeat", time.time())
+            except Exception as err:  # noqa: BLE001 - the storage is away; the next beat may land
+                log.warning("trial %d's heartbeat was not recorded: %s", self.trial.number,
+                            str(err).strip().splitlines()[0] if str(err).strip() else err)
             if self.done.wait(self.interval):
                 return
-            if not optuna_beat:
-                self.trial.set_user_attr("heartbeat", time.time())
 
 
 def _process_alive(pid: int) -> bool:
@@ -143,6 +187,33 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+# A process marks the trial it asked for at once (`mark_owner`); a RUNNING trial still unmarked
+# this many seconds after it started was asked by a process that died, or that lost the
+# storage's reply to its ask, in between. Optuna's heartbeat never fails it: it has no beat.
+UNMARKED_AFTER = 60.0
+
+
+def marked(trial: FrozenTrial) -> bool:
+    """Whether `mark_owner` named the trial's process: its attributes are set one by one, so
+    a process that died (or lost the storage) in between leaves a host without a pid."""
+    return bool(trial.user_attrs.get("host") and trial.user_attrs.get("pid"))
+
+
+def wait_out_unmarked(study: optuna.Study, stale_after: float,
+                      on_failed: Callable[[FrozenTrial], None]) -> bool:
+    """Whether, after waiting for them to age, this process failed and queued again RUNNING
+    trials no process marked as its own; False at once if there are none. A process with no
+    other work calls it: such a trial holds its slot and nobody would ever end it."""
+    while True:
+        unmarked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if not marked(t)]
+        if not unmarked:
+            return False
+        if fail_stale_trials(study, stale_after, on_failed):
+            return True
+        time.sleep(2.0)
+
+
 def fail_stale_trials(study: optuna.Study, stale_after: float,
                       on_failed: Callable[[FrozenTrial], None]) -> list[int]:
     """Fail RUNNING trials whose process is gone (or silent for `stale_after` seconds) and queue
@@ -153,6 +224,10 @@ def fail_stale_trials(study: optuna.Study, stale_after: float,
     now = time.time()
     for trial in running:
         attrs = trial.user_attrs
+        if not marked(trial):  # asked, never (or half) marked: `wait_out_unmarked`
+            if now - trial.datetime_start.timestamp() > min(stale_after, UNMARKED_AFTER):
+                stale.append(trial)
+            continue
         here = (attrs.get("host") == HOST and attrs.get("pid_namespace") == PID_NAMESPACE
                 and attrs.get("pid"))
         if here and attrs["pid"] == os.getpid():

@@ -66,6 +66,11 @@ MAYBE_ACTED_STATUSES = frozenset({408, 502, 504})
 # primary key (run, key, timestamp, step, value) drops a point it already holds, and our logger
 # sends each epoch's points with the time the epoch ended, so a resent batch is the same batch.
 NOT_REPEATABLE = ("/runs/create", "/model-versions/create")
+# Requests that link a run once to its datasets or its logged model: MLflow's SQL store refuses
+# a second identical link (a UNIQUE constraint on its `inputs` table, HTTP 400), so when one is
+# sent again after an attempt the server may have acted on, that refusal means the first landed.
+LINKS_ONCE = ("/runs/log-inputs", "/runs/outputs")
+DUPLICATE = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
 
 
 def _never_sent(error: BaseException) -> bool:
@@ -127,7 +132,8 @@ class ServerOutage:
                           and urlsplit(url).path.endswith(NOT_REPEATABLE))
         body = kwargs.get("data")
         body_start = body.tell() if hasattr(body, "seek") else None  # an artifact's file
-        attempt, met_outage = 0, False
+        links_once = method.upper() == "POST" and urlsplit(url).path.endswith(LINKS_ONCE)
+        attempt, met_outage, maybe_acted = 0, False, False
         while True:
             if attempt and body_start is not None:
                 body.seek(body_start)
@@ -142,14 +148,21 @@ class ServerOutage:
                 failure = f"{type(err).__name__}: {str(reason).rsplit(': ', 1)[-1][:200]}"
                 if not repeatable and not _never_sent(err):
                     raise ReplyLost(f"{method} {urlsplit(url).path}: {failure}") from err
+                maybe_acted = maybe_acted or not _never_sent(err)
             else:
                 if response.status_code not in TRANSIENT_STATUSES:
                     if self.since is not None or self.given_up:
                         self.back()
+                    if links_once and maybe_acted and response.status_code == 400 and any(
+                            d in response.text for d in DUPLICATE):
+                        log.info("%s %s was refused as a duplicate after a lost reply: the "
+                                 "first attempt landed", method, urlsplit(url).path)
+                        response.status_code, response._content = 200, b"{}"
                     return response
                 failure = f"HTTP {response.status_code} {response.reason}"
                 if not repeatable and response.status_code in MAYBE_ACTED_STATUSES:
                     raise ReplyLost(f"{method} {urlsplit(url).path}: {failure}")
+                maybe_acted = maybe_acted or response.status_code in MAYBE_ACTED_STATUSES
                 retry_after = response.headers.get("Retry-After")
             remaining = self.failed(failure, first=not met_outage)
             met_outage = True

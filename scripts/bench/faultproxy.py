@@ -184,3 +184,74 @@ class FaultProxy:
         with self.lock:
             if self.listener is not None:
                 self.listener.close()
+
+
+class TcpFaultProxy(FaultProxy):
+    """The same schedule for a plain TCP stream (PostgreSQL's protocol): each chunk the client
+    sends draws a fault. A stream has no statuses, so the kinds are `drop` (forward the chunk, let
+    the server act on it, then reset both sides: the client never hears the reply), `reset`
+    (reset both sides before forwarding), `delay` and `cut`. `only` matches nothing here."""
+
+    def __init__(self, upstream_port: int, seed: int, rates: dict[str, float] | None = None,
+                 delay: float = 0.5, cut_seconds: float = 2.0):
+        wrong = set(rates or {}) - {"drop", "reset", "delay", "cut"}
+        if wrong:
+            raise ValueError(f"{sorted(wrong)} are HTTP faults; a TCP stream takes drop, reset, "
+                             "delay and cut")
+        super().__init__(upstream_port, seed, rates, None, delay, cut_seconds)
+        self.url = f"127.0.0.1:{self.port}"
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+        except OSError:  # the server is down: the client sees its connection reset
+            self._reset(client)
+            return
+        upstream.settimeout(None)
+        ended = threading.Event()
+
+        def end() -> None:
+            if not ended.is_set():
+                ended.set()
+                for sock in (client, upstream):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                        # Shut down first: a close alone waits for the recv the other thread
+                        # is blocked in, so neither peer would hear (a server's session would
+                        # stay idle in its transaction, holding its locks).
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    sock.close()
+
+        def replies() -> None:
+            try:
+                while chunk := upstream.recv(65536):
+                    if ended.is_set():
+                        return
+                    client.sendall(chunk)
+            except OSError:
+                pass
+            end()
+
+        threading.Thread(target=replies, daemon=True).start()
+        try:
+            while chunk := client.recv(65536):
+                kind = self._draw("tcp")
+                if kind in ("reset", "cut"):
+                    if kind == "cut":
+                        self._cut()
+                    break
+                if kind == "delay":
+                    time.sleep(self.delay)
+                if kind == "drop":
+                    ended.set()  # the reply is not passed on
+                    upstream.sendall(chunk)
+                    time.sleep(0.2)  # the server acts (a COMMIT commits) before the reset
+                    ended.clear()
+                    break
+                upstream.sendall(chunk)
+        except OSError:
+            pass
+        end()

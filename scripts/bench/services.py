@@ -60,9 +60,108 @@ def start_mlflow_server(root: Path, *extra: str, env: dict | None = None,
     return url, proc
 
 
+def gone(pid: int) -> bool:
+    """Whether the process has exited (a zombie nobody reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster from Debian's server binaries on 127.0.0.1 only (as the
+    `postgres` account when run as root: initdb refuses root), in `root`. `kill()` is kill -9 of
+    the postmaster; `start()` again runs on the same data folder and port (crash recovery)."""
+
+    def __init__(self, root: Path, port: int | None = None):
+        import glob
+        import pwd
+
+        bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bindirs:
+            raise RuntimeError("PostgreSQL's server binaries are missing: scripts/test.sh "
+                               "installs Debian's postgresql package")
+        self.bindir = Path(bindirs[-1]).parent
+        self.root, self.data, self.port = root, root / "data", port or free_port()
+        self.as_postgres: list[str] = []
+        root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            os.chown(root, account.pw_uid, account.pw_gid)
+            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+        subprocess.run([*self.as_postgres, str(self.bindir / "initdb"), "-D", str(self.data),
+                        "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+                       check=True, capture_output=True)
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}"
+        self.start()
+
+    def _ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.as_postgres, str(self.bindir / "pg_ctl"), "-D",
+                               str(self.data), *args], check=check, capture_output=True,
+                              text=True, timeout=120)
+
+    def start(self) -> None:
+        self._ctl("-l", str(self.root / "server.log"), "-w", "-o",
+                  f"-h 127.0.0.1 -p {self.port} -k {self.root} -F", "start")
+
+    def _processes(self) -> list[int]:
+        """The cluster's processes: the postmaster and its children run in its data folder."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and os.readlink(entry / "cwd") == str(self.data):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return [pid for pid in found if not gone(pid)]
+
+    def kill(self) -> None:
+        """kill -9 of the postmaster and every backend (as a crashed host leaves none); one
+        forked meanwhile is killed in the next round."""
+        import signal
+
+        deadline = time.monotonic() + 30
+        while (victims := self._processes()) and time.monotonic() < deadline:
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+    def start_again(self, attempts: int = 10) -> None:
+        """`start` after a kill: the port and shared memory of the killed cluster may take a
+        moment to be released."""
+        for attempt in range(attempts):
+            try:
+                self.start()
+                return
+            except subprocess.CalledProcessError:
+                if attempt == attempts - 1:
+                    log = (self.root / "server.log").read_text()[-2000:]
+                    raise RuntimeError(f"PostgreSQL did not start again: {log}") from None
+                time.sleep(2)
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database; returns its URL."""
+        import psycopg2
+
+        connection = psycopg2.connect(self.url.replace("postgresql+psycopg2", "postgresql")
+                                      + "/postgres")
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name}")
+            cursor.execute(f"CREATE DATABASE {name}")
+        connection.close()
+        return f"{self.url}/{name}"
+
+    def stop(self) -> None:
+        self._ctl("-m", "immediate", "stop", check=False)
