@@ -159,8 +159,9 @@ class Heartbeat:
     def __exit__(self, *exc) -> None:
         self.done.set()
         # A beat under way holds the journal file's lock: a process that left now would leave
-        # the lock behind, and the study's other processes would wait out its 30 s grace.
-        self.thread.join()
+        # the lock behind, and the study's other processes would wait out its 30 s grace. A
+        # beat stuck on a storage that is away is not waited for long.
+        self.thread.join(timeout=10)
 
     def _beat(self) -> None:
         optuna_beat = has_heartbeat(self.study)
