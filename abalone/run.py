@@ -72,7 +72,7 @@ class Prepared:
     model: object
     keras: object
     experiment_id: str | None  # None: tracking.enabled=false
-    program: object = None  # trainer.fit_path=shared, when it can: an mlp_program.MlpPlan
+    mlp_plan: object = None  # trainer.fit_path=shared, when it can: an mlp_program.MlpPlan
 
 
 @contextlib.contextmanager
@@ -182,18 +182,18 @@ def prepare(cfg: DictConfig) -> Prepared:
     seed_randomness(cfg.trainer.seed, keras)
     parts = {"train": ds.splits.train, "val": ds.splits.val, "test": ds.splits.test}
     model = build_model(cfg, ds, keras)
-    program = None
+    mlp_plan = None
     if cfg.trainer.fit_path == "shared" and not cfg.trainer.steps_per_execution:
         from abalone import mlp_program  # TensorFlow: only after import_keras, quietly
 
-        program, why_not = mlp_program.plan(model)
-        if program is None and why_not not in _FIT_PATH_REFUSALS:
+        mlp_plan, why_not = mlp_program.plan(model)
+        if mlp_plan is None and why_not not in _FIT_PATH_REFUSALS:
             _FIT_PATH_REFUSALS.add(why_not)
             log.info("trainer.fit_path=shared cannot train this model (%s): using model.fit",
                      why_not)
     return Prepared(ds, {k: ds.inputs(f, k) for k, f in parts.items()},
                     {k: ds.targets(f) for k, f in parts.items()}, model, keras, experiment_id,
-                    program)
+                    mlp_plan)
 
 
 def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
@@ -226,10 +226,10 @@ def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
         callbacks.append(RaiseOnInterrupt(run.interrupted))
     train, val = (ready.x["train"], ready.y["train"]), (ready.x["val"], ready.y["val"])
     start = time.perf_counter()
-    if ready.program:
+    if ready.mlp_plan:
         from abalone import mlp_program
 
-        mlp_program.fit(ready.program, train, val, t.batch_size, t.seed, t.epochs, callbacks)
+        mlp_program.fit(ready.mlp_plan, train, val, t.batch_size, t.seed, t.epochs, callbacks)
     else:
         ready.model.fit(**data.fit_arguments(train, val, t.batch_size, t.seed,
                                              keras.backend.backend()),
@@ -273,8 +273,8 @@ def record(cfg: DictConfig, ready: Prepared, history: dict, result: RunResult, p
            output_dir: Path, run: tracking.TrackedRun, trial: TrialContext | None) -> None:
     """The run's folder, its upload to output.s3_uri, and in MLflow its held-out metrics, files
     and pyfunc model; outside sweeps the model is registered."""
-    if ready.program and result.logs_model:
-        ready.program.trained_by.store_optimizer(ready.program)  # saved with the model
+    if ready.mlp_plan and result.logs_model:
+        ready.mlp_plan.trained_by.store_optimizer(ready.mlp_plan)  # saved with the model
     config_path, plots, keras_path = outputs.save_files(
         cfg, ready.model, history, ready.y["test"], predicted, output_dir, result.logs_model,
         ready.data.task, (ready.data.spec or {}).get("classes"))

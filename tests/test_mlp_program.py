@@ -43,7 +43,7 @@ def train(cfg, ready, path: str) -> dict[str, list[float]]:
                                              "tensorflow"),
                         epochs=t.epochs, verbose=0, callbacks=[history])
     else:
-        mlp_program.fit(ready.program, train_rows, val_rows, t.batch_size, t.seed, t.epochs,
+        mlp_program.fit(ready.mlp_plan, train_rows, val_rows, t.batch_size, t.seed, t.epochs,
                         [history])
     return history.history
 
@@ -51,11 +51,11 @@ def train(cfg, ready, path: str) -> dict[str, list[float]]:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shared_program_matches_model_fit_epoch_by_epoch(name, data_file, monkeypatch):
     cfg, ready = prepared(data_file, monkeypatch, *CONFIGS[name])
-    assert ready.program is not None, "the default fit_path should take this model"
+    assert ready.mlp_plan is not None, "the default fit_path should take this model"
     shared = train(cfg, ready, "shared")
     keras_cfg, keras_ready = prepared(data_file, monkeypatch, *CONFIGS[name],
                                       "trainer.fit_path=keras")
-    assert keras_ready.program is None
+    assert keras_ready.mlp_plan is None
     plain = train(keras_cfg, keras_ready, "keras")
 
     assert sorted(shared) == sorted(plain)  # loss, rmse, mae and their val_ twins
@@ -66,7 +66,7 @@ def test_shared_program_matches_model_fit_epoch_by_epoch(name, data_file, monkey
     predicted = ready.keras.ops.convert_to_numpy(ready.model(ready.x["val"], training=False))
     rmse = float(np.sqrt(np.mean((predicted - ready.y["val"]) ** 2)))
     assert rmse == pytest.approx(shared["val_rmse"][-1], rel=1e-5)
-    ready.program.trained_by.store_optimizer(ready.program)  # as a run does before saving
+    ready.mlp_plan.trained_by.store_optimizer(ready.mlp_plan)  # as a run does before saving
     for ours, theirs in zip(ready.model.optimizer.variables,
                             keras_ready.model.optimizer.variables):
         # Moments are noisy averages of gradients: compare as vectors (a moment of another
@@ -111,7 +111,7 @@ def test_models_it_cannot_train_exactly_go_to_model_fit(overrides, reason, data_
     if "data=table" in overrides:
         overrides.append(f"data.path={table}")
     cfg, ready = prepared(data_file, monkeypatch, *overrides)
-    assert ready.program is None
+    assert ready.mlp_plan is None
     if reason:  # else: the model is fine, the setting asks for Keras's own loop
         plan, why = mlp_program.plan(ready.model)
         assert plan is None and why.startswith(reason)
