@@ -267,9 +267,11 @@ def test_scancel_fails_then_retries_a_trial(tmp_path, data_file, slurm_cluster, 
     # without (the sweep's own slurm.conf says accounting_storage/none, so its sacct fails as on
     # a cluster without slurmdbd), the sweep sees the job gone from squeue for stale_after
     # seconds. Either way it waits for the other job, fails the cancelled trial, queues its
-    # parameters again and stops. A trial of 50 short epochs and its records outlast scancel's
-    # SIGTERM (which submitit ignores) and KillWait.
+    # parameters again and stops. A trial of 300 short epochs (several seconds on the shared
+    # compiled program) and its records outlast scancel's SIGTERM (which submitit ignores) and
+    # KillWait.
     env = dict(slurm_cluster)
+    epochs = 300
     extra = []
     if not accounting:
         conf = Path(slurm_cluster["SLURM_CONF"]).read_text().replace(
@@ -278,7 +280,7 @@ def test_scancel_fails_then_retries_a_trial(tmp_path, data_file, slurm_cluster, 
         env["SLURM_CONF"] = str(tmp_path / "slurm.conf")
         extra = ["hydra.sweeper.stale_after=15"]
     args = [a for a in slurm_args(tmp_path, postgres_url, mlflow_server,
-                                  "optimizer.lr=0.02,0.01,0.005", "trainer.epochs=50",
+                                  "optimizer.lr=0.02,0.01,0.005", f"trainer.epochs={epochs}",
                                   "trainer.batch_size=8", "hydra.sweeper.pruner.name=none",
                                   "hydra.launcher.array_parallelism=2", *extra)
             if a != "trainer.epochs=3"]
@@ -324,7 +326,7 @@ def test_scancel_fails_then_retries_a_trial(tmp_path, data_file, slurm_cluster, 
     assert sacct.startswith("CANCELLED"), sacct
     study = load_study(postgres_url)
     states = {t.number: t.state for t in study.trials}
-    assert states[0] == TrialState.FAIL and len(study.trials[0].intermediate_values) < 50
+    assert states[0] == TrialState.FAIL and len(study.trials[0].intermediate_values) < epochs
     assert states[1] == TrialState.COMPLETE  # its job ran on; the sweep waited for it
     (queued,) = study.get_trials(states=(TrialState.WAITING,))
     assert queued.params == study.trials[0].params
