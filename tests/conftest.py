@@ -143,7 +143,7 @@ def postgres_cluster():
         cluster = Postgres(root)
     except RuntimeError as err:
         pytest.fail(str(err))
-    yield cluster.url
+    yield cluster
     cluster.stop()
     shutil.rmtree(root, ignore_errors=True)
 
@@ -151,17 +151,8 @@ def postgres_cluster():
 @pytest.fixture
 def postgres_url(postgres_cluster, request):
     """A new, empty database in the session's cluster, for one test."""
-    import psycopg2
-
     name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
-    connection = psycopg2.connect(postgres_cluster.replace("postgresql+psycopg2", "postgresql")
-                                  + "/postgres")
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS {name}")
-        cursor.execute(f"CREATE DATABASE {name}")
-    connection.close()
-    return f"{postgres_cluster}/{name}"
+    return postgres_cluster.create_database(name)
 
 
 def load_study(storage: str):
