@@ -329,7 +329,7 @@ _PROGRAMS: dict[tuple, MlpProgram] = {}
 
 def fit(p: MlpPlan, train: tuple[dict, np.ndarray], val: tuple[dict, np.ndarray],
         batch_size: int, seed: int, epochs: int, callbacks: list) -> None:
-    """`model.fit` of the plan's model on the program of its depth, with the callbacks."""
+    """`model.fit` of the plan's model on the program of its activations, with the callbacks."""
     key = tuple(b.dense.activation for b in p.blocks)
     program = _PROGRAMS.get(key)
     if program is None:
@@ -351,27 +351,25 @@ def fit(p: MlpPlan, train: tuple[dict, np.ndarray], val: tuple[dict, np.ndarray]
     restores = any(getattr(c, "restore_best_weights", False) for c in callbacks)
     callback_list.on_train_begin()
     logs: dict = {}
-    for epoch in range(epochs):
-        callback_list.on_epoch_begin(epoch)
-        if epoch:
-            next(orders)
-        order = tf.cast(next(orders), tf.int32)
-        loss, rmse, mae = program.train_epoch(x_train, y_train, order,
-                                              tf.constant(batch_size, tf.int32))
-        val_loss, val_rmse, val_mae = program.test(x_val, y_val)
-        logs = {"loss": float(loss), "mae": float(mae), "rmse": float(rmse),
-                "val_loss": float(val_loss), "val_mae": float(val_mae),
-                "val_rmse": float(val_rmse)}
-        if restores:
-            program.store(p)  # early stopping keeps the best epoch's weights from the model
-        else:  # the logger reads the learning rate's step
-            p.optimizer.iterations.assign(program.iterations)
-        try:
+    try:  # whatever stops training (a pruner, Ctrl-C), the model holds what was trained
+        for epoch in range(epochs):
+            callback_list.on_epoch_begin(epoch)
+            if epoch:
+                next(orders)
+            order = tf.cast(next(orders), tf.int32)
+            loss, rmse, mae = program.train_epoch(x_train, y_train, order,
+                                                  tf.constant(batch_size, tf.int32))
+            val_loss, val_rmse, val_mae = program.test(x_val, y_val)
+            logs = {"loss": float(loss), "mae": float(mae), "rmse": float(rmse),
+                    "val_loss": float(val_loss), "val_mae": float(val_mae),
+                    "val_rmse": float(val_rmse)}
+            if restores:
+                program.store(p)  # early stopping keeps the best epoch's weights from the model
+            else:  # the logger reads the learning rate's step
+                p.optimizer.iterations.assign(program.iterations)
             callback_list.on_epoch_end(epoch, logs)
-        except BaseException:
-            program.store(p)
-            raise
-        if keras_model.stop_training:
-            break
-    program.store(p)
+            if keras_model.stop_training:
+                break
+    finally:
+        program.store(p)
     callback_list.on_train_end(logs)
