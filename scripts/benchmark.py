@@ -83,6 +83,10 @@ def main() -> None:
                         help="faults: the soak's seed (its first sweep's schedule)")
     parser.add_argument("--minutes", type=float, default=5.0,
                         help="faults: how long the soak starts new sweeps")
+    parser.add_argument("--container-image", default=None,
+                        help="faults: an image of the project (built on the DLC stand-in); with "
+                        "it, sweeps on PostgreSQL may run on 2 Podman container workers and "
+                        "draw kill -9 of one (needs CONTAINERS_CONF as tests/container sets it)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, to check that every figure is produced")
     args = parser.parse_args()

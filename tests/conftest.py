@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from bench.services import (  # noqa: F401 - test files import them from here
-    Postgres, free_port, start_mlflow_server, stop, wait_for_http)
+    Postgres, container_of, free_port, start_mlflow_server, stop, wait_for_http)
 
 REPO = Path(__file__).resolve().parents[1]
 # How long one tiny CLI run may take before the test calls it hung (import + 2 epochs ~ 15 s).

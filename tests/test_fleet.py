@@ -5,7 +5,6 @@ fleet before anything starts."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -17,20 +16,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from abalone.sweep.slots import retried_number
-from conftest import (TINY, free_port, load_study, podman, run_cli, scrubbed_environ,
-                      sweep_runs)
+from bench.invariants import sweep_breaches
+from conftest import (TINY, container_of, free_port, load_study, podman, run_cli,
+                      scrubbed_environ, sweep_runs)
 
 STALE_AFTER = 20  # seconds without a heartbeat after which a trial counts as abandoned
-
-
-def container_of(trial, names: list[str], env: dict) -> str | None:
-    """The worker container whose PID namespace the trial's process lives in."""
-    for name in names:
-        pid = podman(env, "inspect", "--format", "{{.State.Pid}}", name, check=False).stdout.strip()
-        if pid.isdigit() and int(pid) > 0 and os.readlink(f"/proc/{pid}/ns/pid") == \
-                trial.user_attrs.get("pid_namespace"):
-            return name
-    return None
 
 
 @pytest.mark.slow
@@ -135,6 +125,10 @@ def test_container_workers_share_one_study_and_a_rerun_retries_a_killed_containe
     (version,) = client.search_model_versions("name='abalone-tensorflow-model'")
     assert version.run_id == parent.data.tags["best.run_id"]
     assert "as champion" in parent.data.tags["registration"]
+    # And the fault soak's invariants (scripts/bench/invariants.py) after the kill and rerun.
+    assert sweep_breaches(client, "abalone-tensorflow-experiment", load_study(postgres_url),
+                          n_trials, "abalone-tensorflow-model", exit_code=done.returncode,
+                          last_line=second.strip().splitlines()[-1]) == []
 
 
 @pytest.mark.slow

@@ -373,3 +373,15 @@ def test_a_worker_s_command_line_names_the_study_and_runs_its_trials_itself(tmp_
     remote = worker_argv(argv, "quick-1", "it's", None)
     assert remote[-1] == "hydra.sweeper.storage='it\\'s'" and not any(
         a.startswith("hydra.sweep.dir=") for a in remote)
+
+
+def test_a_worker_s_state_names_its_exit_code_or_signal(tmp_path):
+    from abalone.workers.base import exit_status
+
+    log = tmp_path / "worker.log"
+    log.write_text("training\nerror: first\nerror: data file not found\n")
+    assert exit_status(None, log) == "running"
+    assert exit_status(0, log) == "finished"
+    assert exit_status(1, log) == "failed: exit code 1, error: data file not found"
+    assert exit_status(-9, None) == "failed: killed by SIGKILL"
+    assert exit_status(-100, None) == "failed: killed by signal 100"

@@ -105,4 +105,7 @@ def follow_workers(sweep) -> None:
             f"the workers have ended before study {sweep.plan.study_name!r} was complete ("
             f"{slots.finished_count(sweep.study)} of {sweep.plan.n_trials} trials finished, "
             f"trials {unfinished} unfinished); {'; '.join(failed) or 'none failed'}; their "
-            f"logs: {sweep.workers.logs}. Rerun the same command to resume the study.")
+            f"logs: {sweep.workers.logs}. Rerun the same command to resume the study"
+            + (f"; a RUNNING trial whose worker is gone is retried once its heartbeat is "
+               f"hydra.sweeper.stale_after={sweep.settings.stale_after} s old"
+               if unfinished else "") + ".")

@@ -164,6 +164,11 @@ class Sweep:
                     coordinator.follow_workers(self)
                 else:
                     self.run_trials()
+                    self.workers.wait()
+                    # A trial process that died left its trial RUNNING: fail it, retry it here.
+                    slots.fail_stale_trials(self.study, self.settings.stale_after,
+                                            self.end_stale_run)
+                    self.run_trials()
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -171,18 +176,16 @@ class Sweep:
         finally:
             if status != "FINISHED":
                 self.workers.stop()
-            elif not self.workers.remote:  # remote ones have ended: follow_workers waited
-                self.workers.wait()
             if status != "FINISHED" and self.client and not self.is_worker:
                 try:
                     self.client.set_terminated(self.parent_run_id, status)
                 except Exception as err:  # noqa: BLE001 - the server is gone; keep the cause
                     log.warning("could not end the parent MLflow run: %s", err)
-        failed_workers = [name for name, state in self.workers.poll().items()
+        failed_workers = [f"{name} {state}" for name, state in self.workers.poll().items()
                           if state.startswith("failed")]
         if failed_workers and not self.workers.remote:
-            raise AbaloneError(f"{len(failed_workers)} worker process(es) failed; see their "
-                               "output above")
+            log.warning("%s; this process finished the study without them (see their output "
+                        "above)", "; ".join(failed_workers))
         if not self.is_worker:
             report.finish(self)
 

@@ -11,6 +11,7 @@ environment it is given (the parent run) plus a rank of its own (`abalone.trial.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Protocol
 
@@ -67,7 +68,8 @@ def exit_status(code: int | None, log: Path | None) -> str:
         return "running"
     if code == 0:
         return "finished"
-    reason = f"exit code {code}"
+    reason = (f"exit code {code}" if code > 0 else f"killed by {signal.Signals(-code).name}"
+              if -code in set(signal.Signals) else f"killed by signal {-code}")
     if log is not None and log.is_file():
         errors = [line for line in log.read_text(errors="replace").splitlines()
                   if line.startswith("error: ")]

@@ -5,13 +5,16 @@
   moto's S3 (the trials' `output.s3_uri`) and, for sweeps whose study is on PostgreSQL, the
   database (a TCP proxy: resets, lost replies, delays, cuts);
 - at most one process fault, each followed by a restart: kill -9 of a trial process (the local
-  worker of an `n_jobs=2` sweep), of the coordinator (the sweep command; it is rerun), of the
-  `mlflow server` (its process group; restarted on the same port and store) or of PostgreSQL's
-  postmaster and backends (restarted on the same data folder).
+  worker of an `n_jobs=2` sweep), of a worker container (`--container-image`: a sweep on
+  PostgreSQL with `workers=container workers.count=2`; the rerun starts new containers), of the
+  coordinator (the sweep command; it is rerun), of the `mlflow server` (its process group;
+  restarted on the same port and store) or of PostgreSQL's postmaster and backends (restarted on
+  the same data folder).
 
 A process fault strikes at a drawn moment of the sweep (a trial process: once it runs a trial),
 in its first attempt or a rerun. A sweep a fault stopped is rerun with the network faults off, a
-few seconds later, as a user would rerun it, until it exits 0: at most twice, or three times if
+few seconds later (a killed container's trial: once its heartbeat is `stale_after` old, as the
+sweep's error says), as a user would rerun it, until it exits 0: at most twice, or three times if
 the process fault struck the second rerun. Then the invariants (bench/invariants.py) are checked; a breach is
 printed with the sweep's seed, which `--sections faults --seed <that seed> --minutes 0` replays
 as the first sweep."""
@@ -33,23 +36,27 @@ from pathlib import Path
 from bench.faultproxy import FaultProxy, TcpFaultProxy
 from bench.invariants import CHECKED, sweep_breaches
 from bench.measure import base_env
-from bench.services import Postgres, free_port, gone, start_mlflow_server, stop, wait_for_http
+from bench.services import (Postgres, container_of, free_port, gone, start_mlflow_server, stop,
+                            wait_for_http)
 
 N_TRIALS = 2
 SWEEP = ["-m", "sweep=quick", "trainer.epochs=3", "trainer.patience=0",
          "hydra.sweeper.pruner.name=none", "hydra.sweeper.sampler.name=random",
          f"hydra.sweeper.n_trials={N_TRIALS}", "tracking=server", "tracking.outage_grace=60"]
-PROCESS_FAULTS = ("kill-trial", "kill-coordinator", "kill-mlflow", "kill-postgres")
+PROCESS_FAULTS = ("kill-trial", "kill-coordinator", "kill-mlflow", "kill-postgres",
+                  "kill-container")
+CONTAINER_STALE_AFTER = 20  # seconds: a killed container's trial counts as abandoned
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "soak", "AWS_SECRET_ACCESS_KEY": "soak",
                   "AWS_DEFAULT_REGION": "us-east-1"}
 RERUNS = 2
 HUNG_AFTER = 600  # seconds: an attempt (2 trials of 3 epochs, about a minute) this long is hung
 
 
-def schedule(seed: int, postgres: bool) -> dict:
+def schedule(seed: int, postgres: bool, containers: bool = False) -> dict:
     """The sweep's faults, drawn from `seed`: network fault rates per request (per chunk sent,
     for PostgreSQL), the storage, n_jobs, and one process fault (or none) with when it strikes
-    and how long the killed server stays down. `postgres`: whether a cluster is at hand."""
+    and how long the killed server stays down. `postgres`: whether a cluster is at hand;
+    `containers`: whether an image for container workers is."""
     rng = random.Random(seed)
     plan = {"mlflow": {"drop": rng.choice((0.0, 0.02, 0.05)), "reset": rng.choice((0.0, 0.02)),
                        "delay": rng.choice((0.0, 0.05)), "503": rng.choice((0.0, 0.02)),
@@ -62,10 +69,14 @@ def schedule(seed: int, postgres: bool) -> dict:
                         "reset": rng.choice((0.0, 0.0005, 0.002)),
                         "delay": rng.choice((0.0, 0.01)), "cut": rng.choice((0.0, 0.0005))
                         } if plan["storage"] == "postgres" else {}
-    kinds = [None, *PROCESS_FAULTS[:3], *PROCESS_FAULTS[3:] * (plan["storage"] == "postgres")]
+    kinds = [None, *PROCESS_FAULTS[:3], *PROCESS_FAULTS[3:4] * (plan["storage"] == "postgres"),
+             *PROCESS_FAULTS[4:] * (plan["storage"] == "postgres" and containers)]
     plan["process"] = rng.choice(kinds)
-    plan["n_jobs"] = 2 if plan["process"] == "kill-trial" else rng.choice((1, 2))
+    plan["n_jobs"] = (2 if plan["process"] == "kill-trial" else 1 if plan["process"] ==
+                      "kill-container" else rng.choice((1, 2)))
     plan["kill_after"] = round(rng.uniform(8.0, 45.0), 1)  # seconds into the first attempt
+    if plan["process"] == "kill-container":  # its trials start later and end sooner
+        plan["kill_after"] = round(plan["kill_after"] / 5, 1)
     plan["down_for"] = round(rng.uniform(0.5, 6.0), 1)  # a killed server's time before restart
     return plan
 
@@ -74,10 +85,14 @@ class Services:
     """What the sweeps share: the `mlflow server`, moto's S3 and, if its binaries are here, a
     PostgreSQL cluster; each server can be killed and started again on its port."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, data: str, image: str | None):
         import boto3
 
         self.root = root
+        self.image = image
+        if image:  # the containers' training channel
+            (root / "data").mkdir()
+            shutil.copy(data, root / "data" / "abalone.data")
         self.mlflow_port = free_port()
         self.mlflow_url, self.mlflow = start_mlflow_server(
             root / "mlflow", "--artifacts-destination", str(root / "mlflow" / "artifacts"),
@@ -139,27 +154,42 @@ def _sweep_processes(pid: int) -> list[int]:
     return found
 
 
+def worker_containers(command: subprocess.Popen) -> list[str]:
+    """The names abalone.workers.container gives the sweep command's 2 containers."""
+    return [f"abalone-worker-{command.pid}-{rank}" for rank in (1, 2)]
+
+
 def strike(kind: str, plan: dict, current: dict, services: Services, done: threading.Event,
-           record: dict, running_pids) -> None:
+           record: dict, running_trials) -> None:
     """The process fault: `kind` at `plan["kill_after"]` s into the sweep (its first attempt or
-    a rerun: `current["command"]`), or as soon as its target exists (a trial process: once it
-    runs a trial, by `running_pids()`, the pids the study's RUNNING trials name); then the
-    restart. What happened goes into `record`."""
+    a rerun: `current["command"]`), or as soon as its target exists (a trial process or
+    container: once it runs a trial, by `running_trials()`, the study's RUNNING trials); then
+    the restart. What happened goes into `record`."""
     if done.wait(plan["kill_after"]):
         record["missed"] = "the sweep ended first"
         return
     while not done.is_set():
         command = current["command"]
         running = command.poll() is None
-        if kind == "kill-trial" and running:
+        if kind in ("kill-trial", "kill-container") and running:
             try:
-                busy = running_pids()
+                busy = running_trials()
             except Exception:  # noqa: BLE001 - the study is not there yet, or its database restarts
-                busy = set()
-            targets = [p for p in _sweep_processes(command.pid) if p in busy]
-            if targets:
-                os.kill(targets[0], signal.SIGKILL)
-                break
+                busy = []
+            if kind == "kill-trial":
+                pids = {t.user_attrs.get("pid") for t in busy}
+                targets = [p for p in _sweep_processes(command.pid) if p in pids]
+                if targets:
+                    os.kill(targets[0], signal.SIGKILL)
+                    break
+            else:  # a container whose trial has started its MLflow run: mid-training
+                targets = [name for t in busy if "mlflow_run_id" in t.user_attrs
+                           for name in [container_of(t, worker_containers(command))] if name]
+                if targets:
+                    subprocess.run(["podman", "kill", "--signal", "KILL", targets[0]],
+                                   capture_output=True, timeout=60)
+                    record["struck_at"] = time.monotonic()
+                    break
         elif kind == "kill-coordinator" and running:
             record["orphans"] = _sweep_processes(command.pid)  # they finish their share
             os.kill(command.pid, signal.SIGKILL)
@@ -185,7 +215,7 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
 
     from abalone.sweep.storage import make_storage
 
-    plan = schedule(seed, services.postgres is not None)
+    plan = schedule(seed, services.postgres is not None, services.image is not None)
     study_name = f"soak-{number}"
     proxies = {"mlflow": FaultProxy(services.mlflow_port, seed, plan["mlflow"], delay=0.3),
                "s3": FaultProxy(services.s3_port, seed + 1, plan["s3"], delay=0.3)}
@@ -205,23 +235,27 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
             f"hydra.sweeper.study_name={study_name}", f"hydra.sweeper.storage='{storage}'",
             f"hydra.sweeper.n_jobs={plan['n_jobs']}", f"tracking.uri={proxies['mlflow'].url}",
             f"output.s3_uri={output_uri}"]
+    if plan["process"] == "kill-container":
+        argv += ["workers=container", "workers.count=2", "workers.engine=podman",
+                 f"workers.image={services.image}", "workers.build=false",
+                 f"workers.data_dir={services.root / 'data'}",
+                 f"hydra.sweeper.stale_after={CONTAINER_STALE_AFTER}"]
     env = {**base_env(data), **S3_CREDENTIALS, "AWS_ENDPOINT_URL": proxies["s3"].url}
     direct = (storage.replace(proxies["postgres"].url, f"127.0.0.1:{services.postgres.port}")
               if "postgres" in proxies else storage)  # the soak's own look, without faults
 
     opened = {}
 
-    def running_pids() -> set[int]:
+    def running_trials() -> list:
         if "storage" not in opened:
             opened["storage"] = make_storage(direct)
         study = optuna.load_study(study_name=study_name, storage=opened["storage"])
-        return {t.user_attrs.get("pid") for t in study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+        return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
 
-    attempts, record, current = [], {}, {}
+    attempts, record, current, started = [], {}, {}, []
     done = threading.Event()
     striker = threading.Thread(target=strike, args=(plan["process"], plan, current, services,
-                                                    done, record, running_pids), daemon=True)
+                                                    done, record, running_trials), daemon=True)
     try:
         attempt = 0
         # Reruns after the first attempt; a process fault that strikes the last one earns one more.
@@ -230,6 +264,7 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
             current["command"] = command = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, start_new_session=True)
+            started.append(command)
             if attempt == 0 and plan["process"]:
                 striker.start()
             try:  # (until its workers close their output too)
@@ -251,6 +286,9 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
             for proxy in proxies.values():  # the rerun meets no network faults
                 proxy.enabled = False
             time.sleep(max(p.cut_seconds for p in proxies.values()) + 1)  # as a user would
+            if "struck_at" in record:  # the killed container's trial: abandoned once stale
+                time.sleep(max(0.0, record["struck_at"] + CONTAINER_STALE_AFTER + 1
+                               - time.monotonic()))
             attempt += 1
     finally:
         done.set()
@@ -258,6 +296,10 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
             striker.join()
         for proxy in proxies.values():
             proxy.close()
+        if plan["process"] == "kill-container":  # any a hung attempt left behind
+            subprocess.run(["podman", "rm", "--force", *(name for c in started
+                                                          for name in worker_containers(c))],
+                           capture_output=True, timeout=120)
     if record.get("restart_failed"):  # the harness's own failure: the soak cannot go on
         raise RuntimeError(f"seed {seed}: {record['restart_failed']} (output: {cwd})")
     study = optuna.load_study(study_name=study_name, storage=make_storage(direct))
@@ -289,7 +331,8 @@ def bench_faults(args, seeds: list[int] = ()) -> dict:
     sweeps, breaches = [], []
     deadline = time.monotonic() + args.minutes * 60
     root = Path(tempfile.mkdtemp(prefix="abalone-bench-faults-"))
-    services = Services(root)  # the folder is kept when a breach needs its logs
+    # The folder is kept when a breach needs its logs.
+    services = Services(root, args.data, getattr(args, "container_image", None))
     try:
         while not sweeps or time.monotonic() < deadline or len(sweeps) < len(seeds):
             seed = (seeds[len(sweeps)] if len(sweeps) < len(seeds) else

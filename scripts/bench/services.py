@@ -1,6 +1,6 @@
 """Servers on 127.0.0.1 and the processes behind them, for the benchmark and the tests alike
 (tests/conftest.py re-exports these names): a free port, waiting for an HTTP answer, a real
-`mlflow server`, stopping a process."""
+`mlflow server`, stopping a process, the Podman container a trial runs in."""
 
 from __future__ import annotations
 
@@ -165,3 +165,17 @@ class Postgres:
 
     def stop(self) -> None:
         self._ctl("-m", "immediate", "stop", check=False)
+
+
+def container_of(trial, names: list[str], env: dict | None = None) -> str | None:
+    """The Podman container (of `names`) whose PID namespace the trial's process lives in."""
+    for name in names:
+        pid = subprocess.run(["podman", "inspect", "--format", "{{.State.Pid}}", name], env=env,
+                             capture_output=True, text=True).stdout.strip()
+        try:
+            if pid.isdigit() and int(pid) > 0 and os.readlink(f"/proc/{pid}/ns/pid") == \
+                    trial.user_attrs.get("pid_namespace"):
+                return name
+        except OSError:  # it ended meanwhile
+            continue
+    return None
