@@ -4,7 +4,8 @@
 - the study has one parent MLflow run and every trial exactly one run, nested under it;
 - no run is left RUNNING;
 - every metric of every trial run has each step once (no doubled epoch), epochs 1..n unbroken;
-- the best trial's model is registered once (one version for its run) and holds `champion`;
+- the best trial's model is registered once (one version for its run) and holds `champion`
+  (the model is the sweep's own, so the alias moved once, to it);
 - the study's finished trials are `n_trials` (when the sweep exited 0), and no starting point was
   queued twice. The rule for failures: a trial failed by a transport fault (its `transport_fault`
   attribute, abalone.sweep.slots.transport_fault) was queued again and does not count; a trial
@@ -101,6 +102,7 @@ def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: 
                    starting_points: list[dict] = (), exit_code: int | None = None,
                    last_line: str = "", s3=None, output_uri: str | None = None) -> list[str]:
     """Every breach of the sweep's invariants (see the module's docstring)."""
+    from mlflow.exceptions import MlflowException
     from optuna.trial import TrialState
 
     from abalone.sweep.slots import retried_number
@@ -152,6 +154,14 @@ def sweep_breaches(client, experiment: str, study, n_trials: int | None, model: 
         if len(versions) != 1:
             breaches.append(f"the best trial's run {best_run} has {len(versions)} versions of "
                             f"{model} (want 1)")
+        # `model` is the sweep's own (no champion before it): its one move names that version.
+        try:
+            champion = client.get_model_version_by_alias(model, "champion").version
+        except MlflowException:
+            champion = None
+        if [champion] != [v.version for v in versions]:
+            breaches.append(f"{model}'s champion alias names version {champion}, not the best "
+                            f"trial's {[v.version for v in versions]}")
     if s3 is not None and output_uri:
         runs = {}
         for trial in trials:
