@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -96,6 +97,52 @@ def test_runs_versions_and_metric_points_exist_once_through_lost_replies(mlflow_
         run = client.get_run(run_id)
         assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["rows"]
         assert len(run.outputs.model_outputs) == 1
+
+
+CONNECT = """
+import sys
+from omegaconf import OmegaConf
+from abalone import tracking
+from abalone.config import TrackingConfig
+print(tracking.connect(OmegaConf.structured(TrackingConfig(uri=sys.argv[1],
+                                                           experiment=sys.argv[2]))))
+"""
+
+
+@pytest.mark.parametrize("kind,rate", [("429", 0.5), ("503", 0.5), ("reset", 0.5),
+                                       ("drop", 0.5), ("429", 1.0), ("cut", 1.0)])
+def test_the_first_request_tries_again_only_a_server_that_answered_busy(mlflow_server, kind,
+                                                                        rate):
+    """connect's first request has no retries (a server that is not there fails at once), but
+    a server that answered 429/503 or dropped the connection is asked again, up to 3 times."""
+    from abalone.tracking.connection import CONNECT_ATTEMPTS
+
+    # With rate 0.5, a seed whose schedule faults the first request and passes the second.
+    seed = next(s for s in range(100) if (lambda r: r.random() < 0.5 <= r.random())(
+        random.Random(s)))
+    proxy = FaultProxy(int(mlflow_server.rsplit(":", 1)[1]), seed, {kind: rate},
+                       only=r"^GET /api/2\.0/mlflow/experiments/get-by-name", cut_seconds=30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    try:
+        done = subprocess.run([sys.executable, "-c", CONNECT, proxy.url, f"first-{kind}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        proxy.close()
+    if rate < 1:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert proxy.injected == {kind: 1}
+        experiment = MlflowClient(tracking_uri=mlflow_server).get_experiment_by_name(
+            f"first-{kind}")
+        assert done.stdout.split()[-1] == experiment.experiment_id
+    else:
+        assert done.returncode == 1
+        assert f"cannot use the MLflow tracking server at {proxy.url} (config key tracking.uri)" \
+            in done.stderr, done.stderr[-3000:]
+        # Busy every time: asked 3 times. Cut: the request that drew it is reset (asked again),
+        # and the closed port refuses the second try, which is not asked again.
+        asked = CONNECT_ATTEMPTS if kind == "429" else 1
+        assert proxy.injected == {kind: asked} and proxy.requests == asked, proxy.injected
+        assert f"(after {CONNECT_ATTEMPTS if kind == '429' else 2} tries)" in done.stderr
 
 
 def test_the_server_drops_a_resent_metric_batch(mlflow_server):

@@ -94,10 +94,6 @@ def fail_and_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> No
     RETRY(study, study._storage.get_trial(trial._trial_id))
 
 
-# MLflow's names for the answers of a server that is unavailable or throttling (HTTP 503, 429).
-TRANSIENT_MLFLOW_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
-
-
 def transport_fault(error: BaseException | None) -> str | None:
     """What in `error`'s chain says the trial was failed by its transport rather than by its
     own training (None if nothing does): the exception's type and first line."""
@@ -106,7 +102,7 @@ def transport_fault(error: BaseException | None) -> str | None:
     import sqlalchemy.exc
     import urllib3
 
-    from abalone.tracking import TrackingError
+    from abalone.tracking import TRANSIENT_MLFLOW_CODES, TrackingError
 
     seen = set()
     while error is not None and id(error) not in seen:

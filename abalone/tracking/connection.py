@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from typing import Iterator
@@ -71,6 +72,35 @@ NOT_REPEATABLE = ("/runs/create", "/model-versions/create")
 # sent again after an attempt the server may have acted on, that refusal means the first landed.
 LINKS_ONCE = ("/runs/log-inputs", "/runs/outputs")
 DUPLICATE = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
+
+
+# MLflow's names for the answers of a server that is unavailable or throttling (HTTP 503, 429).
+TRANSIENT_MLFLOW_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+# Tries of connect's first request to a server that answered it busy or dropped the connection
+# (unlike one that is not there, which fails at once): several workers starting together may be
+# throttled, and one lost connection should not stop a sweep before it starts.
+CONNECT_ATTEMPTS = 3
+
+
+def _answered_busy(error: BaseException) -> bool:
+    """Whether `error` (of connect's first request) came from a server that is there: an answer
+    of 429/503 (or a gateway's 408/502/504), or a connection reset or closed after it was made."""
+    import requests
+    import urllib3
+
+    for _ in range(8):  # MLflow re-raises the requests error it caught: the chain is short
+        if error is None:
+            return False
+        if getattr(error, "error_code", None) in TRANSIENT_MLFLOW_CODES:
+            return True
+        if isinstance(error, requests.exceptions.RetryError):  # urllib3's, with no retries left
+            status = re.search(urllib3.exceptions.ResponseError.SPECIFIC_ERROR.format(
+                status_code=r"(\d+)"), str(error))
+            return status is not None and int(status.group(1)) in TRANSIENT_STATUSES
+        if isinstance(error, requests.ConnectionError):
+            return not _never_sent(error)
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _never_sent(error: BaseException) -> bool:
@@ -255,15 +285,26 @@ def connect(tracking_cfg) -> str:
     OUTAGE.install()
     OUTAGE.learning = threading.get_ident()
     try:
-        with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=timeout):
-            experiment = mlflow.set_experiment(tracking_cfg.experiment)
-    except Exception as err:  # MLflow raises many types here (MlflowException, OSError, ...)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrackingError(
-            f"cannot use the MLflow tracking server at {redact(uri)} (config key "
-            f"{'tracking.arn' if uri.startswith('arn:') else 'tracking.uri'}): "
-            f"{reason}. Check that the server is running and reachable, or run with "
-            f"tracking.uri=sqlite:///mlflow.db to track locally.") from err
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                              MLFLOW_HTTP_REQUEST_TIMEOUT=timeout):
+                    experiment = mlflow.set_experiment(tracking_cfg.experiment)
+                break
+            except Exception as err:  # MLflow raises many types (MlflowException, OSError, ...)
+                reason = (str(err).strip().splitlines()[0] if str(err).strip()
+                          else type(err).__name__)
+                if attempt < CONNECT_ATTEMPTS and _answered_busy(err):
+                    log.info("MLflow tracking server %s busy at the first request (%s); trying "
+                             "again", redact(uri), reason[:200])
+                    time.sleep(attempt * random.uniform(0.5, 1.5))
+                    continue
+                raise TrackingError(
+                    f"cannot use the MLflow tracking server at {redact(uri)} (config key "
+                    f"{'tracking.arn' if uri.startswith('arn:') else 'tracking.uri'}): "
+                    f"{reason}{f' (after {attempt} tries)' if attempt > 1 else ''}. Check that "
+                    f"the server is running and reachable, or run with "
+                    f"tracking.uri=sqlite:///mlflow.db to track locally.") from err
     finally:
         OUTAGE.learning = None
     check_server_version(uri, redact(uri), float(timeout))  # before anything trains

@@ -92,7 +92,7 @@ class FaultProxy:
             listener, self.listener = self.listener, None
         if listener is None:
             return
-        listener.close()
+        self._unlisten(listener)
 
         def reopen():
             time.sleep(self.cut_seconds)
@@ -104,6 +104,16 @@ class FaultProxy:
                     time.sleep(0.1)
 
         threading.Thread(target=reopen, daemon=True).start()
+
+    @staticmethod
+    def _unlisten(listener: socket.socket) -> None:
+        # Without shutdown, Linux keeps listening until the accept blocked in `_accept_loop`
+        # returns: it would take one more connection.
+        try:
+            listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        listener.close()
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:
@@ -183,7 +193,7 @@ class FaultProxy:
         self.closed = True
         with self.lock:
             if self.listener is not None:
-                self.listener.close()
+                self._unlisten(self.listener)
 
 
 class TcpFaultProxy(FaultProxy):
