@@ -1,7 +1,8 @@
 """A lock across processes and hosts in the study's own storage, for the steps of opening a study
 that must happen once: queueing the starting points (Optuna's `enqueue_trial(skip_if_exists=
-True)` checks, then adds: two hosts can both add) and electing the parent MLflow run (search,
-then create: two coordinators can both create).
+True)` checks, then adds: two hosts can both add), electing the parent MLflow run (search,
+then create: two coordinators can both create) and registering the champion (two processes of
+one study that end together can both register).
 
 Optuna offers no lock, but it creates a study name once, atomically: an RDB storage by the
 unique constraint on `studies.study_name`, a journal by replaying its log in one order, where

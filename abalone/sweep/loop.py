@@ -113,7 +113,8 @@ class Sweep:
         sampler = make_sampler(s.sampler, self.plan.space, self.rank, len(self.plan.metrics))
         pruner = (make_pruner(s.pruner, base.trainer.epochs) if self.plan.prune
                   else optuna.pruners.NopPruner())
-        storage = make_storage(s.storage, s.storage_password_secret, s.stale_after)
+        self.storage = storage = make_storage(s.storage, s.storage_password_secret,
+                                              s.stale_after)
         self.study = open_study(self.plan, storage, sampler, pruner)
         if self.tracking_cfg.enabled:
             self.experiment_id = tracking.connect(self.tracking_cfg)

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from abalone.config import AbaloneError
 from abalone.sweep import objectives, slots
+from abalone.sweep.lock import study_lock
 from abalone.sweep.space import WARM_START_OF
 from abalone.tracking import sweep_runs, where_to_look
 from abalone.trial import BEST_OBJECTIVE
@@ -130,13 +131,16 @@ def finish(sweep) -> None:
     if sweep.tracking_cfg.register:
         metrics = {k: v for k, v in champion_run.data.metrics.items()
                    if k.startswith(("test_", "best_val_"))}
-        message = sweep_runs.register_champion(
-            client, sweep.tracking_cfg.registered_model, run_id,
-            champion.user_attrs["mlflow_model_uri"], metrics,
-            tags={"sweep": str(plan.settings.sweep_name), "study": plan.study_name,
-                  "trial": str(champion.number),
-                  "objective": ", ".join(f"{v:.4g}" for v in champion.values),
-                  "objective_metric": plan.metric_label})
+        # Processes of one study that end together each get here: one registers, the next
+        # finds the version there.
+        with study_lock(sweep.storage, f"{plan.study_name}.registration"):
+            message = sweep_runs.register_champion(
+                client, sweep.tracking_cfg.registered_model, run_id,
+                champion.user_attrs["mlflow_model_uri"], metrics,
+                tags={"sweep": str(plan.settings.sweep_name), "study": plan.study_name,
+                      "trial": str(champion.number),
+                      "objective": ", ".join(f"{v:.4g}" for v in champion.values),
+                      "objective_metric": plan.metric_label})
         log.info("%s", message)
         client.set_tag(parent, "registration", message)
     client.set_terminated(parent, "FINISHED")
