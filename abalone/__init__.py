@@ -1,6 +1,6 @@
 """abalone: Hydra-composed, Optuna-swept, MLflow-tracked Keras models for the UCI Abalone data.
 
-Floors, imports only downward (tests/test_layout.py holds the rule):
+Floors, imports only downward (their one list: [tool.importlinter] in pyproject.toml):
 - entry points: `train` (`python -m abalone.train`), `container` (how the image starts),
   `storage_proxy` (Optuna's gRPC storage proxy); the Hydra sweeper plugin in hydra_plugins/;
 - `sweep`: Optuna studies behind `-m` sweeps (plan, loop, coordinator, report, ...);
