@@ -111,14 +111,16 @@ def mlflow_server(tmp_path_factory):
 
 
 def run_cli(args: list[str], cwd: Path, data: Path | None, env: dict | None = None,
-            module: str = "abalone.train", timeout: float = CLI_TIMEOUT):
-    """`python -m abalone.train ARGS` in `cwd`, as a user would type it."""
+            module: str = "abalone.train", timeout: float = CLI_TIMEOUT,
+            python: str = sys.executable):
+    """`python -m abalone.train ARGS` in `cwd`, as a user would type it (`python`: another
+    venv's, e.g. tests/venvs.py's with PyTorch)."""
     full_env = scrubbed_environ()
     full_env.pop("ABALONE_DATA", None)
     if data is not None:
         full_env["ABALONE_DATA"] = str(data)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+    return subprocess.run([python, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
