@@ -8,6 +8,7 @@ or trains through the CLI; `container`, `browser`, `postgres` for what it needs 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
@@ -39,9 +40,23 @@ NEEDS = {"postgres_cluster": "postgres", "podman_env": "container", "browser": "
          "mlflow_server": "slow", "moto_s3": "slow"}
 
 
+# Tests in parallel (pytest-xdist: `scripts/test.sh -n 2`, with `--dist loadgroup` from
+# pyproject.toml): each worker process has session fixtures of its own (a PostgreSQL cluster,
+# moto, ...: cheap), and the tests of one group run on one worker, one after another. A group
+# for each resource that is costly to build per worker or that exists once per machine, named by
+# the marker or fixture that brings it; a new slow test using one joins its group by itself.
+XDIST_GROUPS = {
+    # the project's image, built once a session; the SageMaker SDK's local mode, whose
+    # docker-compose network `sagemaker-local` is machine-wide
+    "container": "podman",
+    "slurm_cluster": "slurm",  # one SLURM cluster (munged, slurmdbd, MariaDB) on this machine
+}
+
+
 def pytest_collection_modifyitems(config, items):
     """A test using a PostgreSQL cluster, Podman, a browser or a server must be marked so, and
-    every such mark implies `slow`: `-m "not slow"` must never start one."""
+    every such mark implies `slow`: `-m "not slow"` must never start one. Tests sharing a
+    resource get its pytest-xdist group (XDIST_GROUPS)."""
     for item in items:
         marks = {m.name for m in item.iter_markers()}
         wanted = {NEEDS[f] for f in item.fixturenames if f in NEEDS}
@@ -49,6 +64,9 @@ def pytest_collection_modifyitems(config, items):
             wanted.add("slow")
         if wanted - marks:
             raise pytest.UsageError(f"{item.nodeid} needs the marker(s) {sorted(wanted - marks)}")
+        groups = [g for key, g in XDIST_GROUPS.items() if key in marks | set(item.fixturenames)]
+        if groups and config.pluginmanager.hasplugin("xdist"):
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
 
 
 @pytest.fixture(autouse=True)
@@ -308,9 +326,13 @@ def standin_base(podman_env) -> str:
     for path in sorted(CONTAINER_DIR.iterdir()):
         digest.update(path.name.encode() + path.read_bytes())
     tag = f"localhost/abalone-dlc-standin:{digest.hexdigest()[:12]}"
-    if podman(podman_env, "image", "exists", tag, check=False).returncode != 0:
-        subprocess.run([str(CONTAINER_DIR / "build_standin.sh"), tag], env=podman_env,
-                       check=True, timeout=3600)
+    # Podman's store is machine-wide: another checkout's run that wants the same stand-in waits
+    # for this build instead of making it a second time.
+    with open(Path(tempfile.gettempdir()) / "abalone-dlc-standin.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if podman(podman_env, "image", "exists", tag, check=False).returncode != 0:
+            subprocess.run([str(CONTAINER_DIR / "build_standin.sh"), tag], env=podman_env,
+                           check=True, timeout=3600)
     return tag
 
 
