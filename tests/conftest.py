@@ -8,6 +8,7 @@ or trains through the CLI; `container`, `browser`, `postgres` for what it needs 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
@@ -28,6 +29,8 @@ import pytest
 
 from bench.services import (  # noqa: F401 - test files import them from here
     Postgres, container_of, free_port, start_mlflow_server, stop, wait_for_http)
+from left_behind import (  # noqa: F401 - hooks: no process left behind at the session's end
+    pytest_configure, pytest_runtest_setup, pytest_sessionfinish, pytest_testnodedown)
 
 REPO = Path(__file__).resolve().parents[1]
 # How long one tiny CLI run may take before the test calls it hung (import + 2 epochs ~ 15 s).
@@ -37,9 +40,23 @@ NEEDS = {"postgres_cluster": "postgres", "podman_env": "container", "browser": "
          "mlflow_server": "slow", "moto_s3": "slow"}
 
 
+# Tests in parallel (pytest-xdist: `scripts/test.sh -n 2`, with `--dist loadgroup` from
+# pyproject.toml): each worker process has session fixtures of its own (a PostgreSQL cluster,
+# moto, ...: cheap), and the tests of one group run on one worker, one after another. A group
+# for each resource that is costly to build per worker or that exists once per machine, named by
+# the marker or fixture that brings it; a new slow test using one joins its group by itself.
+XDIST_GROUPS = {
+    # the project's image, built once a session; the SageMaker SDK's local mode, whose
+    # docker-compose network `sagemaker-local` is machine-wide
+    "container": "podman",
+    "slurm_cluster": "slurm",  # one SLURM cluster (munged, slurmdbd, MariaDB) on this machine
+}
+
+
 def pytest_collection_modifyitems(config, items):
     """A test using a PostgreSQL cluster, Podman, a browser or a server must be marked so, and
-    every such mark implies `slow`: `-m "not slow"` must never start one."""
+    every such mark implies `slow`: `-m "not slow"` must never start one. Tests sharing a
+    resource get its pytest-xdist group (XDIST_GROUPS)."""
     for item in items:
         marks = {m.name for m in item.iter_markers()}
         wanted = {NEEDS[f] for f in item.fixturenames if f in NEEDS}
@@ -47,6 +64,9 @@ def pytest_collection_modifyitems(config, items):
             wanted.add("slow")
         if wanted - marks:
             raise pytest.UsageError(f"{item.nodeid} needs the marker(s) {sorted(wanted - marks)}")
+        groups = [g for key, g in XDIST_GROUPS.items() if key in marks | set(item.fixturenames)]
+        if groups and config.pluginmanager.hasplugin("xdist"):
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
 
 
 @pytest.fixture(autouse=True)
@@ -111,14 +131,16 @@ def mlflow_server(tmp_path_factory):
 
 
 def run_cli(args: list[str], cwd: Path, data: Path | None, env: dict | None = None,
-            module: str = "abalone.train", timeout: float = CLI_TIMEOUT):
-    """`python -m abalone.train ARGS` in `cwd`, as a user would type it."""
+            module: str = "abalone.train", timeout: float = CLI_TIMEOUT,
+            python: str = sys.executable):
+    """`python -m abalone.train ARGS` in `cwd`, as a user would type it (`python`: another
+    venv's, e.g. tests/venvs.py's with PyTorch)."""
     full_env = scrubbed_environ()
     full_env.pop("ABALONE_DATA", None)
     if data is not None:
         full_env["ABALONE_DATA"] = str(data)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+    return subprocess.run([python, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -304,9 +326,13 @@ def standin_base(podman_env) -> str:
     for path in sorted(CONTAINER_DIR.iterdir()):
         digest.update(path.name.encode() + path.read_bytes())
     tag = f"localhost/abalone-dlc-standin:{digest.hexdigest()[:12]}"
-    if podman(podman_env, "image", "exists", tag, check=False).returncode != 0:
-        subprocess.run([str(CONTAINER_DIR / "build_standin.sh"), tag], env=podman_env,
-                       check=True, timeout=3600)
+    # Podman's store is machine-wide: another checkout's run that wants the same stand-in waits
+    # for this build instead of making it a second time.
+    with open(Path(tempfile.gettempdir()) / "abalone-dlc-standin.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if podman(podman_env, "image", "exists", tag, check=False).returncode != 0:
+            subprocess.run([str(CONTAINER_DIR / "build_standin.sh"), tag], env=podman_env,
+                           check=True, timeout=3600)
     return tag
 
 

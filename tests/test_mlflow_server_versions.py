@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from bench.services import gone, group_members
 from conftest import TINY, run_cli, start_mlflow_server, stop, sweep_runs
 from venvs import side_venv
 
@@ -42,6 +44,21 @@ def server_of_version(request, tmp_path_factory):
                                     python=str(python))
     yield version, url
     stop(proc)
+
+
+@pytest.mark.slow
+def test_stop_ends_a_gunicorn_servers_whole_process_group(tmp_path):
+    # MLflow 2.x serves through gunicorn: the `mlflow server` command, gunicorn's master and its
+    # worker. A signal to the command alone left the other two running, adopted by init.
+    python = side_venv("mlflow-2.13.2", *SERVERS["2.13.2"]) / "python"
+    url, proc = start_mlflow_server(tmp_path, python=str(python))
+    members = group_members(proc.pid)
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in members]
+    assert len(members) == 3 and sum(b"gunicorn" in c for c in commands) == 2, commands
+    stop(proc)
+    assert group_members(proc.pid) == [] and all(gone(pid) for pid in members)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=5)
 
 
 @pytest.mark.slow

@@ -7,17 +7,40 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import json
 import re
+import subprocess
+import sys
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import REPO, run_cli, sweep_runs
+from conftest import CLI_TIMEOUT, REPO, run_cli, scrubbed_environ, sweep_runs
+from venvs import project_site_env, side_venv
 
 MODEL = "abalone-tensorflow-model"
 TWO_EPOCHS = ["trainer.epochs=2", "trainer.patience=0", "trainer.verbose=0"]
+# The gp sampler and the terminator run on PyTorch, which the everyday .venv leaves out (PyPI's
+# Linux wheel brings ~3 GB of CUDA libraries): their tests run it from a side venv that sees the
+# project's packages. This pin takes a machine's local CPU-only wheel where pip's find-links
+# offers one (2.13.0+cpu satisfies ==2.13.0), else PyPI's.
+TORCH = ("torch==2.13.0",)
+
+
+def torch_python() -> str:
+    return str(side_venv("torch", *TORCH, sees_project=True) / "python")
+
+
+def in_torch_venv(code: str) -> str:
+    """What `code` prints, run by the PyTorch venv's Python beside this module (which it may
+    import: `from test_search import ...`)."""
+    done = subprocess.run([torch_python(), "-c", code], cwd=REPO / "tests", capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT, env=scrubbed_environ(
+                              **project_site_env(), PYTHONPATH=str(REPO / "scripts")))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
 
 
 def load(tmp_path, name: str) -> optuna.Study:
@@ -26,9 +49,11 @@ def load(tmp_path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=make_storage(str(tmp_path / "s.journal")))
 
 
-def sweep(tmp_path, data_file, *args: str):
+def sweep(tmp_path, data_file, *args: str, torch: bool = False):
+    """The CLI's sweep with `args` (`torch`: run by the PyTorch venv's Python)."""
     done = run_cli(["-m", *TWO_EPOCHS, f"hydra.sweeper.storage={tmp_path / 's.journal'}", *args],
-                   cwd=tmp_path, data=data_file)
+                   cwd=tmp_path, data=data_file, python=torch_python() if torch else sys.executable,
+                   env=project_site_env() if torch else None)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
 
@@ -193,7 +218,7 @@ def test_gp_sampler_and_terminator_run_a_sweep(tmp_path, data_file):
     out = sweep(tmp_path, data_file, "hydra.sweeper.study_name=gp", "hydra.sweeper.n_trials=4",
                 "optimizer.lr=tag(log, interval(0.001, 0.03))", "hydra.sweeper.sampler.name=gp",
                 "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweeper.stop.rule=terminator",
-                "hydra.sweeper.stop.patience=3")
+                "hydra.sweeper.stop.patience=3", torch=True)
     study = load(tmp_path, "gp")
     trials = study.trials
     stopped = study.user_attrs.get("stopped")
@@ -248,7 +273,8 @@ def test_constraint_and_starting_point_checks_name_the_setting():
     check_starting_points([{"optimizer.momentum": 0.9}], space, True)  # a custom function's
 
 
-def test_every_sampler_draws_from_its_space():
+def draws_from_its_space(names: list[str]) -> None:
+    """Each named sampler (of one and of two objectives) draws 3 trials inside its space."""
     from hydra_plugins.abalone_optuna_sweeper.config import SamplerConf, SamplerName
 
     from abalone.sweep.algorithms import make_sampler
@@ -256,9 +282,7 @@ def test_every_sampler_draws_from_its_space():
 
     space, _, _ = search_space({"optimizer.lr": "tag(log, interval(0.001, 0.03))",
                                 "model.depth": "range(1, 4)"}, [])
-    for name in SamplerName:
-        if name is SamplerName.grid:
-            continue  # tests/test_sweeps.py
+    for name in map(SamplerName, names):
         for directions in (["minimize"], ["minimize", "minimize"]):
             if name is SamplerName.cmaes and len(directions) > 1:
                 continue
@@ -270,6 +294,13 @@ def test_every_sampler_draws_from_its_space():
                 assert space["optimizer.lr"]._contains(trial.params["optimizer.lr"])
                 assert trial.params["model.depth"] in (1, 2, 3)
                 study.tell(trial, [trial.params["optimizer.lr"], 1.0][:len(directions)])
+
+
+def test_every_sampler_but_gp_draws_from_its_space():
+    from hydra_plugins.abalone_optuna_sweeper.config import SamplerName
+
+    # grid: tests/test_sweeps.py; gp: test_gp_draws_and_the_terminator_stops_... (PyTorch)
+    draws_from_its_space([n.value for n in SamplerName if n.value not in ("grid", "gp")])
 
 
 def test_size_sweep_file_composes():
@@ -297,7 +328,7 @@ def toy_study(xs: list[float]) -> optuna.Study:
     return study
 
 
-def test_the_terminator_stops_a_study_that_has_found_its_optimum_and_no_other():
+def terminator_verdicts() -> list[str | None]:
     # Optuna's terminator (MedianErrorEvaluator's defaults) sets its noise level from trials
     # 10-29: 1% of the median regret bound of those prefixes. Here they crowd one corner, far
     # from the optimum, so the bound is large; 80 more trials across the whole range then pin
@@ -307,9 +338,17 @@ def test_the_terminator_stops_a_study_that_has_found_its_optimum_and_no_other():
 
     corner = [0.8 + 0.2 * i / 29 for i in range(30)]
     found = toy_study(corner + [i / 79 for i in range(80)])
-    assert stagnation(found, "terminator", 3, 0, ["minimize"]) == (
+    return [stagnation(found, "terminator", 3, 0, ["minimize"]),
+            stagnation(toy_study(corner + corner[:10]), "terminator", 3, 0, ["minimize"]),
+            # Fewer than stop.patience trials since an earlier stop (trials 108, 109): not asked.
+            stagnation(found, "terminator", 3, 108, ["minimize"])]
+
+
+@pytest.mark.slow
+def test_gp_draws_and_the_terminator_stops_a_study_that_has_found_its_optimum_and_no_other():
+    printed = in_torch_venv("import json; from test_search import draws_from_its_space, "
+                            "terminator_verdicts; draws_from_its_space(['gp']); "
+                            "print(json.dumps(terminator_verdicts()))")
+    assert json.loads(printed.splitlines()[-1]) == [
         "Optuna's terminator: the regret bound fell below the noise level after 110 trials "
-        "(stop.rule=terminator)")
-    assert stagnation(toy_study(corner + corner[:10]), "terminator", 3, 0, ["minimize"]) is None
-    # Fewer than stop.patience trials since an earlier stop (trials 108, 109): not asked yet.
-    assert stagnation(found, "terminator", 3, 108, ["minimize"]) is None
+        "(stop.rule=terminator)", None, None]

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,8 +43,8 @@ def start_mlflow_server(root: Path, *extra: str, env: dict | None = None,
                         port: int | None = None, python: str = sys.executable):
     """An `mlflow server` subprocess on 127.0.0.1 (`port`, else a free one) with its store under
     `root`, run by `python` (another venv's, for another MLflow version); returns (url, proc).
-    The server leads its own process group (uvicorn is its child), so a caller can kill the
-    whole server with os.killpg."""
+    The server leads its own process group (uvicorn or gunicorn and their workers are its
+    children): `stop(proc)` ends the whole server, `os.killpg` kills it."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = open(root / "server.log", "a")
@@ -55,7 +57,7 @@ def start_mlflow_server(root: Path, *extra: str, env: dict | None = None,
     try:
         wait_for_http(f"{url}/health", proc)
     except RuntimeError:
-        proc.kill()
+        stop(proc, timeout=5)
         raise RuntimeError((root / "server.log").read_text()[-3000:])
     return url, proc
 
@@ -68,12 +70,44 @@ def gone(pid: int) -> bool:
         return True
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (zombies left out)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # not a process, or it ended meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM to `proc` and, when it leads a process group of its own (start_new_session, as
+    start_mlflow_server's servers do), to the whole group: a server's gunicorn or uvicorn workers
+    outlive a signal to the `mlflow server` command alone, re-parented to init. SIGKILL to
+    whatever is left after `timeout` s. (A pid never equals a group id in use, so the group
+    `proc.pid` exists only if `proc` made it.)"""
+
+    def signal_all(number: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group_members(proc.pid):
+                os.killpg(proc.pid, number)
+            elif proc.poll() is None:
+                proc.send_signal(number)
+
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        pass
+    while (proc.poll() is None or group_members(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if proc.poll() is None or group_members(proc.pid):
+        signal_all(signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 class Postgres:
