@@ -19,7 +19,7 @@ FLOORS = {
     "backends": ["abalone.aws", "abalone.data", "abalone.model", "abalone.mlp_program", "abalone.serving",
                  "abalone.search_spaces", "abalone.dataset", "abalone.table",
                  "abalone.table_serving"],
-    "ground": ["abalone.config", "abalone.redact", "abalone.trial", "abalone",
+    "ground": ["abalone.config", "abalone.redact", "abalone.trial", "abalone.interrupts", "abalone",
                "hydra_plugins.abalone_optuna_sweeper.config",
                "hydra_plugins.abalone_optuna_sweeper"],
 }
