@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -268,3 +269,41 @@ def test_a_second_signal_during_the_shutdown_ends_it_at_once(tmp_path, data_file
     assert out.rstrip().splitlines()[-1] == (
         "interrupted again (SIGTERM): leaving at once; a trial or run left RUNNING is ended by "
         "the next command")
+
+
+@pytest.mark.slow
+def test_signals_never_break_the_journal_lock_another_process_holds(tmp_path, data_file):
+    # This test holds the study journal's lock (Optuna's: a symlink beside it) as another
+    # process would; the sweep, stopping on SIGTERM, waits for it to write its trial's end, and a
+    # second SIGTERM while it waits (Optuna's lock, interrupted, removes the lock it waits for)
+    # must leave the lock alone. Released, the sweep writes its line whole and leaves.
+    journal = tmp_path / "optuna-studies.journal"
+    lock = Path(f"{journal}.lock")
+    process = start([*TWO_PROCESSES[:-1]], tmp_path, data_file, start_new_session=True)
+    output = Output(process)
+    (trial,) = running_trials(str(journal), 1)
+
+    def take() -> bool:
+        try:
+            os.symlink(journal, lock)
+            return True
+        except FileExistsError:  # the sweep is writing: its lock
+            return False
+
+    poll(take, "the journal's lock", every=0.01)
+    try:
+        process.send_signal(signal.SIGTERM)  # it stops, and waits for the lock to end its trial
+        time.sleep(3)
+        assert process.poll() is None, output.text[-3000:]
+        process.send_signal(signal.SIGTERM)
+        time.sleep(3)
+        assert lock.is_symlink(), "a signal removed the lock another process holds"
+        assert process.poll() is None, output.text[-3000:]
+    finally:
+        lock.unlink()
+    assert_stops_within(process, 20)
+    out = output.text
+    assert process.returncode == 143, out[-3000:]
+    assert out.rstrip().splitlines()[-1].startswith("interrupted again (SIGTERM): leaving at once")
+    assert journal.read_bytes().endswith(b"\n")
+    assert load_study(str(journal)).trials[trial.number].state == TrialState.FAIL
