@@ -6,14 +6,18 @@ nothing FINISHED with missing data."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from abalone.sweep.slots import retried_number
-from conftest import load_study, run_cli
+from conftest import CLI_TIMEOUT, load_study, run_cli, scrubbed_environ, sweep_runs
 
 # A two-point grid of two-epoch trials, no tracking: a study in ~20 s.
 GRID = ["-m", "trainer.epochs=2", "trainer.patience=0", "trainer.verbose=0",
@@ -69,3 +73,53 @@ def test_a_journal_corrupt_in_the_middle_is_named_with_its_line(tmp_path, data_f
     assert again.stderr.strip().splitlines()[-1].startswith(
         f"error: the study journal {journal} is corrupt at line 6 (")
     assert "Traceback" not in again.stderr
+
+
+def start_sweep(args: list[str], cwd: Path, data_file: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "abalone.train", *args], cwd=cwd,
+                            env=scrubbed_environ(ABALONE_DATA=str(data_file)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_identical_sweep_commands_share_the_study_and_never_draw_alike(tmp_path, data_file):
+    # The documented way to add processes by hand, in a fresh folder: both create the SQLite
+    # store and the journal at once. Random sampling seeded alike would draw the same sets.
+    args = ["-m", "sweep=quick", "trainer.epochs=2", "trainer.patience=0", "trainer.verbose=0",
+            "hydra.sweeper.sampler.name=random", "hydra.sweeper.pruner.name=none"]
+    for n_trials in (4, 10):  # then again, the store and the study there
+        procs = [start_sweep([*args, f"hydra.sweeper.n_trials={n_trials}"], tmp_path, data_file)
+                 for _ in range(2)]
+        outputs = [p.communicate(timeout=CLI_TIMEOUT)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+        for output in outputs:
+            assert "database is locked" not in output and "Traceback" not in output, output
+        study = load_study(str(tmp_path / "optuna-studies.journal"))
+        ran = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        assert len(ran) == n_trials
+        drawn = [tuple(sorted(t.params.items())) for t in ran]
+        assert len(set(drawn)) == len(drawn), drawn
+        assert {t.user_attrs["pid"] for t in ran} <= {p.pid for p in procs}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,), runs = sweep_runs(client)
+    assert parent.info.status == "FINISHED" and len(runs) == 10
+
+
+@pytest.mark.slow
+def test_a_locked_sqlite_store_is_named_by_its_file(tmp_path, data_file):
+    store = tmp_path / "mlflow.db"
+    made = run_cli(["trainer.epochs=1", "tracking.register=false"], cwd=tmp_path, data=data_file)
+    assert made.returncode == 0, made.stderr[-3000:]
+    holder = sqlite3.connect(store, isolation_level=None)  # another process holds it
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        done = run_cli(["trainer.epochs=1"], cwd=tmp_path, data=data_file)
+    finally:
+        holder.close()
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot use the MLflow store sqlite:///mlflow.db (config key tracking.uri), the "
+        f"SQLite file {store}: (sqlite3.OperationalError) database is locked (another process "
+        "held the file longer than SQLite waits: run again once it is done, or track on an "
+        "MLflow server: tracking=server tracking.uri=http://HOST:5000)")
+    assert "tracking server at" not in done.stderr

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from abalone import dataset, interrupts, tracking
 from abalone.config import AbaloneError, ConfigError, check_ranges
 from abalone.sweep import coordinator, launchers, objectives, report, slots, space
-from abalone.sweep.algorithms import make_pruner, make_sampler
+from abalone.sweep.algorithms import make_pruner, make_sampler, process_rank
 from abalone.sweep.lock import study_lock
 from abalone.sweep.plan import SweepPlan, make_plan, open_study
 from abalone.sweep.storage import make_storage
@@ -110,13 +110,13 @@ class Sweep:
             raise ConfigError(f"workers={self.workers_choice} runs trials with the default "
                               f"launcher in each worker; leave hydra/launcher="
                               f"{self.launcher_kind.name} out, or drop workers=")
-        sampler = make_sampler(s.sampler, self.plan.space,
-                               int(os.environ.get(RANK_ENV, "0")), len(self.plan.metrics))
         pruner = (make_pruner(s.pruner, base.trainer.epochs) if self.plan.prune
                   else optuna.pruners.NopPruner())
         self.storage = storage = make_storage(s.storage, s.storage_password_secret,
                                               s.stale_after)
-        self.study = open_study(self.plan, storage, sampler, pruner)
+        self.study = open_study(self.plan, storage, pruner)
+        self.study.sampler = make_sampler(s.sampler, self.plan.space, process_rank(self.study),
+                                          len(self.plan.metrics))
         if self.tracking_cfg.enabled:
             self.experiment_id = tracking.connect(self.tracking_cfg)
             import mlflow

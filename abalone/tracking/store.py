@@ -19,8 +19,8 @@ def sqlite_file(uri: str) -> Path | None:
     """The database file of a `sqlite:///...` URI, else None."""
     if not uri.startswith("sqlite:"):
         return None
-    path = unquote(urlsplit(uri).path)
-    return Path(path[1:] if path.startswith("//") else path).resolve()
+    # sqlite:///mlflow.db is relative, sqlite:////abs/mlflow.db absolute: one slash is the URI's.
+    return Path(unquote(urlsplit(uri).path)[1:]).resolve()
 
 
 @contextlib.contextmanager
@@ -44,10 +44,11 @@ def cannot_use(uri: str, reason: str) -> str:
     """The message of a store that fails its first request."""
     path = sqlite_file(uri)
     if path is not None:
-        return (f"cannot use the MLflow store {uri} (config key tracking.uri; the SQLite file "
-                f"{path}): {reason}. If it says `database is locked`, another process holds "
-                "the file longer than SQLite waits: run again once it is done, or track on an "
-                "MLflow server (tracking=server tracking.uri=http://HOST:5000).")
+        hint = (" (another process held the file longer than SQLite waits: run again once it "
+                "is done, or track on an MLflow server: tracking=server "
+                "tracking.uri=http://HOST:5000)" if "database is locked" in reason else "")
+        return (f"cannot use the MLflow store {uri} (config key tracking.uri), the SQLite file "
+                f"{path}: {reason}{hint}")
     key = "tracking.arn" if uri.startswith("arn:") else "tracking.uri"
     return (f"cannot use the MLflow tracking server at {redact(uri)} (config key {key}): "
             f"{reason}. Check that the server is running and reachable, or run with "
