@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
 
-from abalone import aws, data, dataset, evaluate, outputs, tracking
+from abalone import aws, data, dataset, evaluate, interrupts, outputs, tracking
 from abalone.config import ConfigError, check_ranges
 from abalone.redact import redact
 from abalone.trial import OBJECTIVE, TrialContext, kept_value
@@ -319,7 +319,7 @@ def record_stop(cfg: DictConfig, history: dict, output_dir: Path, trial: TrialCo
     after = f"after {epochs} epoch{'s' * (epochs != 1)}"
     pruned = trial is not None and isinstance(error, optuna.TrialPruned) and not interrupted
     if interrupted:
-        note = f"Interrupted (Ctrl-C) {after}."
+        note = f"Interrupted ({interrupts.cause()}) {after}."
         if trial:
             note += " The sweep runs its parameters again when it resumes."
     elif pruned:

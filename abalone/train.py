@@ -7,11 +7,41 @@ so `--help` and config errors are instant.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import threading
-from pathlib import Path
+
+from abalone.interrupts import PARENT_PIPE_ENV
+
+# Flags after which Hydra prints something and exits: no set-up line for them.
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--cfg", "-c",
+              "--shell-completion", "-sc"}
+
+
+_said = False
+
+
+def _first_line(argv: list[str]) -> None:
+    """What the command sets up, at once: Hydra, TensorFlow and MLflow take 10-20 s to load."""
+    global _said
+    if INFO_FLAGS & set(argv) or _said:
+        return
+    _said = True
+    if PARENT_PIPE_ENV in os.environ:
+        what = "a worker process of the sweep: loading TensorFlow and MLflow"
+    elif {"-m", "--multirun"} & set(argv):
+        what = ("a sweep: composing the config, opening the study, loading TensorFlow and "
+                "MLflow")
+    else:
+        what = "a training run: composing the config, loading TensorFlow and MLflow"
+    print(f"abalone: setting up {what} (10-20 s) ...", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # before the imports below: within a second of the start
+    _first_line(sys.argv[1:])
+
+import logging  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 # Before TensorFlow and MLflow load: keep their INFO lines and progress bars off the terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,6 +55,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from abalone import interrupts  # noqa: E402
 from abalone.config import AbaloneError  # noqa: E402
 # The module, not its ContextVar: run as `python -m abalone.train`, `main` is pickled by value for
 # launchers that run jobs in other processes (joblib), and a ContextVar cannot be pickled.
@@ -71,28 +102,28 @@ def main(cfg: DictConfig) -> float | dict[str, float] | None:
 
             return run_job(open_context(encoded, cfg.trainer.epochs),
                            lambda context: run_training(cfg, output_dir, context, choices))
-        if single:  # a sweep's trials have the sweep's record of a Ctrl-C
-            with trial_contract.interrupts_remembered(threading.Event()) as interrupted:
+        if single:  # a sweep's trials have the sweep's record of a signal
+            with interrupts.remembered(threading.Event()) as interrupted:
                 result = run_training(cfg, output_dir, None, choices, interrupted)
         else:
             result = run_training(cfg, output_dir, trial, choices)
     except AbaloneError as err:
         if single:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
+            _fail(str(err))
         raise
     except KeyboardInterrupt:
         if single:  # one line, not Keras's traceback: the run has ended KILLED
-            print("interrupted: the run ended KILLED; nothing was registered", file=sys.stderr)
-            sys.exit(130)
+            interrupts.say(f"interrupted{interrupts.by()}: the run ended KILLED; nothing was "
+                           "registered")
+            sys.exit(interrupts.exit_code())
         raise
-    except Exception:
-        from abalone.tracking import OUTAGE
+    except Exception as err:
+        from abalone.tracking import failure_reason
 
-        # An outage longer than tracking.outage_grace reaches here as MLflow's exception.
-        if OUTAGE.given_up and single:
-            print(f"error: {OUTAGE.given_up}", file=sys.stderr)
-            sys.exit(1)
+        # A full disk, a tracking server that refuses, an outage longer than the grace.
+        reason = failure_reason(err) if single else None
+        if reason:
+            _fail(reason)
         raise
     if trial:
         return result.measured
@@ -110,9 +141,20 @@ def _leave_without_teardown(exit_code: list[int]) -> None:
     os._exit(exit_code[0])
 
 
-if __name__ == "__main__":
+def _fail(reason: str) -> None:
+    interrupts.say(f"error: {reason}")
+    sys.exit(1)
+
+
+def cli() -> None:
+    """`python -m abalone.train` and the `abalone-train` command: `main`, with SIGTERM and SIGHUP
+    stopping it as Ctrl-C does (abalone.interrupts), and the exit code without the
+    interpreter's teardown."""
     import atexit
 
+    _first_line(sys.argv[1:])
+    interrupts.install()
+    interrupts.watch_parent()
     exit_code = [1]  # an uncaught exception's, after Python has printed it
     # Registered before TensorFlow, MLflow and logging register theirs, so it runs after them.
     atexit.register(_leave_without_teardown, exit_code)
@@ -123,6 +165,10 @@ if __name__ == "__main__":
         exit_code[0] = (0 if stop.code is None else stop.code if isinstance(stop.code, int)
                         else 1)  # a message: Python prints it
         raise
-    except KeyboardInterrupt:
-        exit_code[0] = 130
-        raise
+    except KeyboardInterrupt:  # before a run or a sweep began: while loading or composing
+        exit_code[0] = interrupts.exit_code()
+        interrupts.say(f"interrupted{interrupts.by()} while starting: nothing was run")
+
+
+if __name__ == "__main__":
+    cli()

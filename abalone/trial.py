@@ -5,13 +5,11 @@ sides log. The sweep fills a context; training reads it and imports nothing of t
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from abalone.config import ConfigError
 
@@ -42,7 +40,7 @@ class TrialContext:
     parent_run_id: str | None
     study_name: str
     metric: str  # the first objective: reported per epoch to the pruner, logged as `objective`
-    interrupted: threading.Event  # set by the sweep's Ctrl-C handler
+    interrupted: threading.Event  # set by the sweep's signal handler (abalone.interrupts)
     measures: tuple[str, ...] = ()  # every value the sweep optimises or constrains
     prune: bool = True  # False for multi-objective studies (Optuna cannot prune them)
     # Whether a finished trial with this value of `metric` logs its model (plots, model.keras).
@@ -50,23 +48,6 @@ class TrialContext:
 
 
 ACTIVE_TRIAL: ContextVar[TrialContext | None] = ContextVar("abalone_active_trial", default=None)
-
-
-@contextlib.contextmanager
-def interrupts_remembered(interrupted: threading.Event) -> Iterator[threading.Event]:
-    """Within the block a Ctrl-C also sets `interrupted`: Python loses a KeyboardInterrupt that
-    lands inside a finalizer (TensorFlow's objects have many), and TensorFlow may raise an error
-    of its own instead, so the run (RaiseOnInterrupt, TrackedRun) and a sweep's loop still
-    know."""
-    def on_interrupt(signum, frame):
-        interrupted.set()
-        signal.default_int_handler(signum, frame)
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def kept_value(history: dict[str, list[float]], metric: str, kept_epoch: int) -> float:

@@ -324,7 +324,7 @@ def test_samplers_are_seeded_per_rank_and_refuse_what_they_cannot_sample():
      "n_trials is required with the tpe sampler"),
     ({"params": {"model": "choice(wide, deep)"}, "n_trials": 0}, "n_trials must be >= 1, got 0"),
     ({"params": {"model": "choice(wide, deep)"}, "n_trials": 2, "n_jobs": 0},
-     "n_jobs and hydra.sweeper.max_failures must be >= 1"),
+     "hydra.sweeper.n_jobs must be >= 1, got 0"),
     ({"params": {"model": "choice(wide, deep)"}, "n_trials": 2,
       "metric": ["val_rmse", "params_count"]}, "names 2 metric(s) but"),
     ({"params": {"model": "choice(wide, deep)"}, "n_trials": 2, "metric": "test_rmse"},

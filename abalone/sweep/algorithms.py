@@ -1,18 +1,25 @@
-"""Samplers and pruners from `hydra.sweeper.sampler` and `hydra.sweeper.pruner`: each name is an
-Optuna class and the settings it takes (the others are ignored and not logged); samplers are
-seeded per worker, and a space or a number of objectives a sampler cannot handle is refused by
-setting rather than sampled in part at random."""
+"""Samplers and pruners from `hydra.sweeper.sampler` and `hydra.sweeper.pruner`: each sampler a
+config node with `_target_` to its Optuna class and the settings it takes (the others are
+ignored and not logged); a sampler is seeded per process of the study, by a rank its storage
+hands out, and a space or a number of objectives a sampler cannot handle is refused by setting
+rather than sampled in part at random."""
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import optuna
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
+from hydra_plugins.abalone_optuna_sweeper.config import SamplerConf
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from abalone.config import ConfigError
+from abalone.sweep.lock import study_lock
 from abalone.sweep.space import grid_values
+
 
 class _GridSampler(optuna.samplers.GridSampler):
     """GridSampler whose exhaustion check is left to the sweep loop (n_trials = the grid's size):
@@ -22,27 +29,85 @@ class _GridSampler(optuna.samplers.GridSampler):
         pass
 
 
-_GENETIC = ("seed", "population_size", "crossover_prob", "mutation_prob")
-# name: (Optuna's class, the settings of hydra.sweeper.sampler it takes, fixed arguments)
-SAMPLERS = {
-    "tpe": (optuna.samplers.TPESampler, ("seed", "n_startup_trials"),
-            {"multivariate": True, "constant_liar": True}),
-    "random": (optuna.samplers.RandomSampler, ("seed",), {}),
-    "grid": (_GridSampler, ("seed",), {}),
-    "gp": (optuna.samplers.GPSampler, ("seed", "n_startup_trials", "deterministic_objective"),
-           {}),
-    "cmaes": (optuna.samplers.CmaEsSampler,
-              ("seed", "n_startup_trials", "sigma0", "restart_strategy"),
-              {"warn_independent_sampling": False}),
-    "qmc": (optuna.samplers.QMCSampler, ("seed", "qmc_type", "scramble"),
-            {"warn_asynchronous_seeding": False}),
-    "nsgaii": (optuna.samplers.NSGAIISampler, _GENETIC, {}),
-    "nsgaiii": (optuna.samplers.NSGAIIISampler, _GENETIC, {}),
-}
+# Each sampler a config node with `_target_` to its Optuna class, as Hydra's own Optuna sweeper
+# has them: its fields are the settings of `hydra.sweeper.sampler` it takes (the others are
+# ignored and not logged) and the arguments we fix (multivariate, constant-liar TPE: processes
+# that ask at once do not all draw the same point).
+
+
+@dataclass
+class TPESamplerNode:
+    _target_: str = "optuna.samplers.TPESampler"
+    seed: Optional[int] = None
+    n_startup_trials: int = 10
+    multivariate: bool = True
+    constant_liar: bool = True
+
+
+@dataclass
+class RandomSamplerNode:
+    _target_: str = "optuna.samplers.RandomSampler"
+    seed: Optional[int] = None
+
+
+@dataclass
+class GridSamplerNode:  # its search space is the sweep's, given when it is made
+    _target_: str = f"{__name__}._GridSampler"
+    seed: Optional[int] = None
+
+
+@dataclass
+class GPSamplerNode:
+    _target_: str = "optuna.samplers.GPSampler"
+    seed: Optional[int] = None
+    n_startup_trials: int = 10
+    deterministic_objective: bool = False
+
+
+@dataclass
+class CmaEsSamplerNode:
+    _target_: str = "optuna.samplers.CmaEsSampler"
+    seed: Optional[int] = None
+    n_startup_trials: int = 1
+    sigma0: Optional[float] = None
+    restart_strategy: Optional[str] = None
+    warn_independent_sampling: bool = False  # refused instead: check_sampler
+
+
+@dataclass
+class QMCSamplerNode:
+    _target_: str = "optuna.samplers.QMCSampler"
+    seed: Optional[int] = None
+    qmc_type: str = "sobol"
+    scramble: bool = True
+    warn_asynchronous_seeding: bool = False  # seeded per process: make_sampler
+
+
+@dataclass
+class NSGAIISamplerNode:
+    _target_: str = "optuna.samplers.NSGAIISampler"
+    seed: Optional[int] = None
+    population_size: int = 50
+    crossover_prob: float = 0.9
+    mutation_prob: Optional[float] = None
+
+
+@dataclass
+class NSGAIIISamplerNode(NSGAIISamplerNode):
+    _target_: str = "optuna.samplers.NSGAIIISampler"
+
+
+SAMPLERS = {"tpe": TPESamplerNode, "random": RandomSamplerNode, "grid": GridSamplerNode,
+            "gp": GPSamplerNode, "cmaes": CmaEsSamplerNode, "qmc": QMCSamplerNode,
+            "nsgaii": NSGAIISamplerNode, "nsgaiii": NSGAIIISamplerNode}
 PRUNERS = {"median": ("n_startup_trials", "n_warmup_steps"),
            "hyperband": ("min_resource", "reduction_factor"), "none": ()}
-# The settings each sampler and pruner uses: what the parent run logs.
-SETTINGS_USED = {**{name: settings for name, (_, settings, _) in SAMPLERS.items()}, **PRUNERS}
+# The settings of hydra.sweeper.sampler (and .pruner) each one takes: what the parent run logs.
+SETTINGS_USED = {**{name: tuple(f.name for f in fields(node) if f.name in
+                                {s.name for s in fields(SamplerConf)})
+                    for name, node in SAMPLERS.items()}, **PRUNERS}
+# The study's system attribute counting the processes that have run it (`process_rank`).
+PROCESSES = "abalone.processes"
 
 
 def _name(conf) -> str:
@@ -64,19 +129,36 @@ def check_sampler(name: str, space: dict[str, BaseDistribution], n_objectives: i
         require_torch("hydra.sweeper.sampler.name=gp")
 
 
+def sampler_node(conf) -> DictConfig:
+    """The node of the sampler `conf.name` names, with the settings of `conf` it takes."""
+    name = _name(conf)
+    settings = OmegaConf.to_container(OmegaConf.create(conf), enum_to_str=True)
+    node = OmegaConf.structured(SAMPLERS[name])
+    return OmegaConf.merge(node, {key: settings[key] for key in SETTINGS_USED[name]})
+
+
 def make_sampler(conf, space: dict[str, BaseDistribution], rank: int,
                  n_objectives: int = 1) -> optuna.samplers.BaseSampler:
-    """The configured sampler, its seed offset by the worker's rank so workers differ."""
+    """The configured sampler, its seed offset by the process's rank (`process_rank`) so no two
+    processes of a study draw the same sequence."""
     name = _name(conf)
     check_sampler(name, space, n_objectives)
-    sampler, used, fixed = SAMPLERS[name]
-    settings = OmegaConf.to_container(OmegaConf.create(conf), enum_to_str=True)
-    arguments = {key: settings[key] for key in used}
-    if arguments["seed"] is not None:
-        arguments["seed"] += rank
-    if name == "grid":
-        arguments["search_space"] = grid_values(space)
-    return sampler(**arguments, **fixed)
+    node = sampler_node(conf)
+    if node.seed is not None:
+        node.seed += rank
+    extra = {"search_space": grid_values(space)} if name == "grid" else {}
+    return instantiate(node, **extra, _convert_="all")
+
+
+def process_rank(study: optuna.Study) -> int:
+    """This process's place among every process that has run the study (0 for the first),
+    handed out by the study's storage under its lock: processes started at once, or a rerun,
+    each get their own, whatever rank their command line gave."""
+    storage = study._storage
+    with study_lock(storage, f"{study.study_name}.processes"):
+        rank = storage.get_study_system_attrs(study._study_id).get(PROCESSES, 0)
+        storage.set_study_system_attr(study._study_id, PROCESSES, rank + 1)
+    return rank
 
 
 def require_torch(setting: str) -> None:

@@ -25,16 +25,15 @@ from hydra.core.utils import JobStatus
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from abalone import dataset, tracking
+from abalone import dataset, interrupts, tracking
 from abalone.config import AbaloneError, ConfigError, check_ranges
 from abalone.sweep import coordinator, launchers, objectives, report, slots, space
-from abalone.sweep.algorithms import make_pruner, make_sampler
+from abalone.sweep.algorithms import make_pruner, make_sampler, process_rank
 from abalone.sweep.lock import study_lock
 from abalone.sweep.plan import SweepPlan, make_plan, open_study
 from abalone.sweep.storage import make_storage
 from abalone.tracking import sweep_runs
-from abalone.trial import (ACTIVE_TRIAL, PARENT_ENV, RANK_ENV, TrialContext,
-                           interrupts_remembered)
+from abalone.trial import ACTIVE_TRIAL, PARENT_ENV, RANK_ENV, TrialContext
 from abalone.workers import thread_share
 
 log = logging.getLogger(__name__)
@@ -49,9 +48,9 @@ def run_sweep(settings: DictConfig, arguments: list[str], config: DictConfig, hy
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: the running trial was marked FAIL; finished trials are kept "
-              "in the study", file=sys.stderr)
-        sys.exit(130)
+        interrupts.say(f"interrupted{interrupts.by()}: the running trial was marked FAIL and "
+                       "queued again; finished trials are kept in the study")
+        sys.exit(interrupts.exit_code())
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
             optuna.exceptions.StorageInternalError) as err:
         # The study's database went away mid-sweep (it restarted, the network cut): what it
@@ -78,11 +77,12 @@ class Sweep:
                  hydra_context, launcher):
         self.settings, self.arguments, self.config = settings, arguments, config
         self.hydra_context, self.launcher = hydra_context, launcher
-        self.rank = int(os.environ.get(RANK_ENV, "0"))
-        self.is_worker = self.rank > 0
+        # A worker process (its command's rank 1..) runs trials only: no parent run, no report.
+        self.is_worker = int(os.environ.get(RANK_ENV, "0")) > 0
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.interrupted = threading.Event()
         self.client = None
+        self.workers = None
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
 
@@ -110,12 +110,13 @@ class Sweep:
             raise ConfigError(f"workers={self.workers_choice} runs trials with the default "
                               f"launcher in each worker; leave hydra/launcher="
                               f"{self.launcher_kind.name} out, or drop workers=")
-        sampler = make_sampler(s.sampler, self.plan.space, self.rank, len(self.plan.metrics))
         pruner = (make_pruner(s.pruner, base.trainer.epochs) if self.plan.prune
                   else optuna.pruners.NopPruner())
         self.storage = storage = make_storage(s.storage, s.storage_password_secret,
                                               s.stale_after)
-        self.study = open_study(self.plan, storage, sampler, pruner)
+        self.study = open_study(self.plan, storage, pruner)
+        self.study.sampler = make_sampler(s.sampler, self.plan.space, process_rank(self.study),
+                                          len(self.plan.metrics))
         if self.tracking_cfg.enabled:
             self.experiment_id = tracking.connect(self.tracking_cfg)
             import mlflow
@@ -152,43 +153,52 @@ class Sweep:
     # -- the sweep ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.prepare()
-        log.info("study %r (%s): %d trials in total, %d finished before; parent MLflow run %s",
-                 self.plan.study_name, self.plan.storage_label, self.plan.n_trials,
-                 slots.finished_count(self.study), self.parent_run_id)
-
         status = "FAILED"
         try:
-            with interrupts_remembered(self.interrupted):  # the running trial stops, and the loop
-                coordinator.start_workers(self)
-                if self.workers.remote:
-                    coordinator.follow_workers(self)
-                else:
-                    self.run_trials()
-                    self.workers.wait()
-                    # A trial process that died left its trial RUNNING: fail it, retry it here.
-                    slots.fail_stale_trials(self.study, self.settings.stale_after,
-                                            self.end_stale_run)
-                    self.run_trials()
+            self.prepare()
+            log.info("study %r (%s): %d trials in total, %d finished before; parent MLflow run "
+                     "%s", self.plan.study_name, self.plan.storage_label, self.plan.n_trials,
+                     slots.finished_count(self.study), self.parent_run_id)
+            with interrupts.remembered(self.interrupted):  # the running trial stops, and the loop
+                self.run_share()
+            if not self.is_worker:
+                report.finish(self)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
             if status != "FINISHED":
-                self.workers.stop()
-            if status != "FINISHED" and self.client and not self.is_worker:
-                try:
-                    self.client.set_terminated(self.parent_run_id, status)
-                except Exception as err:  # noqa: BLE001 - the server is gone; keep the cause
-                    log.warning("could not end the parent MLflow run: %s", err)
-        failed_workers = [f"{name} {state}" for name, state in self.workers.poll().items()
-                          if state.startswith("failed")]
-        if failed_workers and not self.workers.remote:
+                self.end_early(status)
+
+    def run_share(self) -> None:
+        """This process's trials, and its workers' (followed, or waited for and their stale
+        trials retried here)."""
+        coordinator.start_workers(self)
+        if self.workers.remote:
+            coordinator.follow_workers(self)
+            return
+        self.run_trials()
+        self.workers.wait()
+        # A trial process that died left its trial RUNNING: fail it, retry it here.
+        slots.fail_stale_trials(self.study, self.settings.stale_after, self.end_stale_run)
+        self.run_trials()
+        failed = [f"{name} {state}" for name, state in self.workers.poll().items()
+                  if state.startswith("failed")]
+        if failed:
             log.warning("%s; this process finished the study without them (see their output "
-                        "above)", "; ".join(failed_workers))
-        if not self.is_worker:
-            report.finish(self)
+                        "above)", "; ".join(failed))
+
+    def end_early(self, status: str) -> None:
+        """Stop the workers, and end the parent run KILLED or FAILED if the server takes it."""
+        if self.workers is not None:
+            self.workers.stop()
+        if self.client and self.parent_run_id and not self.is_worker:
+            try:
+                self.client.set_terminated(self.parent_run_id, status)
+            except Exception as err:  # noqa: BLE001 - the server is gone; keep the cause
+                log.warning("could not end the parent MLflow run %s: %s", status,
+                            str(err).strip().splitlines()[0] if str(err).strip() else err)
 
     def run_trials(self) -> None:
         failures = 0

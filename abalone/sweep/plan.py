@@ -167,8 +167,9 @@ def make_plan(s: DictConfig, arguments: list[str]) -> SweepPlan:
     check_sampler(_value(s.sampler.name), swept, len(metrics))
     stop_rule = _stop_rule(s, len(metrics))
     n_trials = _n_trials(s, swept)
-    if s.n_jobs < 1 or s.max_failures < 1:
-        raise ConfigError("hydra.sweeper.n_jobs and hydra.sweeper.max_failures must be >= 1")
+    for key in ("n_jobs", "max_failures"):
+        if s[key] < 1:
+            raise ConfigError(f"hydra.sweeper.{key} must be >= 1, got {s[key]}")
     label = ", ".join(metrics)
     # The sweep's name plus a digest of what defines the study, so reruns resume it.
     spec = json.dumps({"space": {k: repr(v) for k, v in sorted(swept.items())},
@@ -182,12 +183,15 @@ def make_plan(s: DictConfig, arguments: list[str]) -> SweepPlan:
                      custom)
 
 
-def open_study(plan: SweepPlan, storage, sampler, pruner) -> optuna.Study:
+def open_study(plan: SweepPlan, storage, pruner) -> optuna.Study:
     """The plan's study, created or resumed: it must optimise what the plan does. A new one is
-    seeded with `warm_start_from`'s trials and the `starting_points`, each once."""
+    seeded with `warm_start_from`'s trials and the `starting_points`, each once. Its sampler is
+    the caller's to set: it is seeded by a rank the study hands out
+    (abalone.sweep.algorithms.process_rank)."""
     source = _warm_start_source(plan, storage)
-    study = optuna.create_study(study_name=plan.study_name, storage=storage, sampler=sampler,
-                                pruner=pruner, directions=plan.directions, load_if_exists=True)
+    study = optuna.create_study(study_name=plan.study_name, storage=storage, pruner=pruner,
+                                sampler=optuna.samplers.RandomSampler(),
+                                directions=plan.directions, load_if_exists=True)
     created = [d.name.lower() for d in study.directions]
     if created != plan.directions:
         raise ConfigError(f"study {plan.study_name!r} in {plan.storage_label} was created to "

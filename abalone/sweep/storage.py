@@ -1,6 +1,7 @@
-"""The study's storage: a journal file (one machine), a database (several hosts; its password
-from Secrets Manager if asked), or Optuna's gRPC storage proxy (large fleets), each failing in
-seconds, with the reason and without the password, when it cannot be opened."""
+"""The study's storage: a journal file (one machine; abalone/sweep/journal.py), a database
+(several hosts; its password from Secrets Manager if asked), or Optuna's gRPC storage proxy
+(large fleets), each failing in seconds, with the reason and without the password, when it
+cannot be opened."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import optuna
 
 from abalone.config import AbaloneError, ConfigError
 from abalone.redact import redact
+from abalone.sweep.journal import Journal
 from abalone.sweep.slots import RETRY, heartbeat_interval
 
 CONNECT_TIMEOUT = 5  # seconds to reach a database storage or a storage proxy
@@ -67,7 +69,7 @@ def make_storage(storage: str, password_secret: str | None = None,
                 time.sleep(1 + attempt)
     path = Path(storage).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.storages.JournalStorage(Journal(str(path.resolve())))
 
 
 def _first_line(error: Exception, storage: str) -> str:

@@ -38,8 +38,8 @@ logging.getLogger("mlflow.tracking.request_header.registry").addFilter(_SageMake
 import mlflow  # noqa: E402
 
 from abalone.config import AbaloneError  # noqa: E402
-from abalone.redact import redact  # noqa: E402
-from abalone.tracking import mlflow_retries  # noqa: E402
+from abalone.redact import redact, redact_text  # noqa: E402
+from abalone.tracking import mlflow_retries, store  # noqa: E402
 from abalone.tracking.server_version import check_server_version  # noqa: E402
 
 class TrackingError(AbaloneError):
@@ -229,10 +229,12 @@ class ServerOutage:
             return self.grace - elapsed
 
     def interrupt(self) -> None:
-        """Ctrl-C during an outage: no thread waits for the server any longer."""
+        """A signal during an outage: no thread waits for the server any longer."""
+        from abalone import interrupts
+
         with self.lock:
             if self.since is not None and not self.given_up:
-                self.given_up = (f"interrupted (Ctrl-C) while the MLflow tracking server at "
+                self.given_up = (f"interrupted ({interrupts.cause()}) while the MLflow tracking server at "
                                  f"{self.server} was unreachable")
 
     def back(self) -> None:
@@ -261,6 +263,25 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[key] = old
 
 
+def _first_request(uri: str, experiment: str, timeout: str):
+    """The experiment, selected with no retries and a short timeout: a server that is not there
+    fails at once; one that answered busy or dropped the connection is asked again."""
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=timeout):
+                return mlflow.set_experiment(experiment)
+        except Exception as err:  # MLflow raises many types (MlflowException, OSError, ...)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = redact_text(reason)
+            if attempt < CONNECT_ATTEMPTS and _answered_busy(err):
+                log.info("MLflow tracking server %s busy at the first request (%s); trying "
+                         "again", redact(uri), reason[:200])
+                time.sleep(attempt * random.uniform(0.5, 1.5))
+                continue
+            raise TrackingError(store.cannot_use(
+                uri, reason + (f" (after {attempt} tries)" if attempt > 1 else ""))) from err
+
+
 _connected: dict[tuple[str, str], str] = {}  # (uri, experiment) -> id, for a sweep's trials
 
 
@@ -285,26 +306,8 @@ def connect(tracking_cfg) -> str:
     OUTAGE.install()
     OUTAGE.learning = threading.get_ident()
     try:
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
-            try:
-                with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-                              MLFLOW_HTTP_REQUEST_TIMEOUT=timeout):
-                    experiment = mlflow.set_experiment(tracking_cfg.experiment)
-                break
-            except Exception as err:  # MLflow raises many types (MlflowException, OSError, ...)
-                reason = (str(err).strip().splitlines()[0] if str(err).strip()
-                          else type(err).__name__)
-                if attempt < CONNECT_ATTEMPTS and _answered_busy(err):
-                    log.info("MLflow tracking server %s busy at the first request (%s); trying "
-                             "again", redact(uri), reason[:200])
-                    time.sleep(attempt * random.uniform(0.5, 1.5))
-                    continue
-                raise TrackingError(
-                    f"cannot use the MLflow tracking server at {redact(uri)} (config key "
-                    f"{'tracking.arn' if uri.startswith('arn:') else 'tracking.uri'}): "
-                    f"{reason}{f' (after {attempt} tries)' if attempt > 1 else ''}. Check that "
-                    f"the server is running and reachable, or run with "
-                    f"tracking.uri=sqlite:///mlflow.db to track locally.") from err
+        with store.creating(uri):  # a SQLite store: one process creates it
+            experiment = _first_request(uri, tracking_cfg.experiment, timeout)
     finally:
         OUTAGE.learning = None
     check_server_version(uri, redact(uri), float(timeout))  # before anything trains

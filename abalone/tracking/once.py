@@ -5,7 +5,8 @@ layer reports that a create's reply was lost (`ReplyLost`: the server may have a
 creation is looked up by that tag (runs: search_runs; versions: search_model_versions by run,
 then the tag) and sent again only if the server holds none. A create the server runs after the
 lookup (a reply lost while the request still waited in the server) would make two: the creator
-then keeps the one with the smallest id and deletes the others, so both paths converge.
+then keeps the one with the smallest id and deletes the others, so both paths converge. A
+registration that a signal interrupted deletes its version before the interrupt goes on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 import mlflow
 from mlflow.entities import ViewType
 
+from abalone import interrupts
 from abalone.tracking.connection import ReplyLost, TrackingError
 
 log = logging.getLogger(__name__)
@@ -95,11 +97,17 @@ def register_version(model_uri: str, name: str, run_id: str, tags: dict[str, str
         return sorted((v for v in versions if v.tags.get(REQUEST_TAG) == request_id),
                       key=lambda v: int(v.version))
 
-    version, lost = _create(lambda: mlflow.register_model(model_uri, name, tags=tags), look_up,
-                            f"a version of {name} for run {run_id}")
-    if lost:
-        keep, *extra = look_up() or [version]
+    # A signal waits for the registration's end, which then takes its version back: an
+    # interrupted run registers nothing, and no version is left of a run that did not finish.
+    with interrupts.deferred():
+        version, lost = _create(lambda: mlflow.register_model(model_uri, name, tags=tags),
+                                look_up, f"a version of {name} for run {run_id}")
+        keep, *extra = (look_up() or [version]) if lost else [version]
         for other in extra:
             client.delete_model_version(name, other.version)
-        version = keep
-    return version
+        if interrupts.received():
+            for other in look_up():
+                client.delete_model_version(name, other.version)
+            log.info("interrupted while registering: %s version %s deleted", name, keep.version)
+            raise KeyboardInterrupt
+    return keep

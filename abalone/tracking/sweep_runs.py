@@ -4,6 +4,7 @@ registration with the `champion` alias."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -38,11 +39,16 @@ def open_parent_run(client, experiment_id: str, study_name: str, storage: str,
         found = oldest()
         if found.info.run_id != mine.info.run_id:
             client.delete_run(mine.info.run_id)
-        else:
+    try:  # the creator's params, or a resumed run's that an error kept from them
+        if not found.data.params:
             client.log_batch(found.info.run_id,
                              params=[Param(k, v[:6000]) for k, v in params.items()])
-    if found.info.status != "RUNNING":
-        client.update_run(found.info.run_id, status="RUNNING")
+        if found.info.status != "RUNNING":
+            client.update_run(found.info.run_id, status="RUNNING")
+    except Exception:
+        with contextlib.suppress(Exception):  # the server refused: do not leave it RUNNING
+            client.set_terminated(found.info.run_id, "FAILED")
+        raise
     return found.info.run_id
 
 

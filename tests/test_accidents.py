@@ -1,0 +1,125 @@
+"""What real machines do to a command, done for real: a journal torn mid-line, two identical
+sweep commands at once, a full disk, a tracking server that fails every request. Each ends with
+one `error:` line (or goes on safely), nothing left RUNNING that the next command does not end,
+nothing FINISHED with missing data."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from abalone.sweep.slots import retried_number
+from conftest import CLI_TIMEOUT, load_study, run_cli, scrubbed_environ, sweep_runs
+
+# A two-point grid of two-epoch trials, no tracking: a study in ~20 s.
+GRID = ["-m", "trainer.epochs=2", "trainer.patience=0", "trainer.verbose=0",
+        "optimizer.lr=0.01,0.02", "tracking.enabled=false"]
+
+
+def journal_lines(path: Path) -> list[dict]:
+    text = path.read_bytes()
+    assert text.endswith(b"\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.slow
+def test_a_torn_journal_line_is_cut_after_a_backup_and_the_sweep_goes_on(tmp_path, data_file):
+    journal = tmp_path / "optuna-studies.journal"
+    first = run_cli(GRID, cwd=tmp_path, data=data_file)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # A crash (or a full disk) mid-write: the last line, trial 1's end, is cut in the middle.
+    whole = journal.read_bytes()
+    torn = whole[:-30]
+    journal.write_bytes(torn)
+    (last,) = [t for t in load_study(str(journal)).trials if t.state == TrialState.RUNNING]
+
+    again = run_cli(GRID, cwd=tmp_path, data=data_file)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    (backup,) = tmp_path.glob("optuna-studies.journal.torn-*")
+    assert backup.read_bytes() == torn
+    partial = len(torn) - torn.rindex(b"\n") - 1
+    assert f"the study journal {journal} ended in half a line ({partial} bytes" in out
+    assert f"the whole file kept as {backup}" in out
+    lines = journal_lines(journal)  # every line whole, none written after a partial one
+    assert len(lines) > len(whole.splitlines())
+    study = optuna.load_study(study_name=load_study(str(journal)).study_name,
+                              storage=optuna.storages.JournalStorage(
+                                  optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert study.trials[last.number].state == TrialState.FAIL  # its process is gone
+    (retry,) = [t for t in study.trials if retried_number(t) == last.number]
+    assert retry.state == TrialState.COMPLETE
+
+
+@pytest.mark.slow
+def test_a_journal_corrupt_in_the_middle_is_named_with_its_line(tmp_path, data_file):
+    journal = tmp_path / "optuna-studies.journal"
+    first = run_cli(GRID, cwd=tmp_path, data=data_file)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[5] = lines[5][:20] + lines[6]  # a torn line that another was written after
+    del lines[6]
+    journal.write_bytes(b"".join(lines))
+    again = run_cli(GRID, cwd=tmp_path, data=data_file)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert again.stderr.strip().splitlines()[-1].startswith(
+        f"error: the study journal {journal} is corrupt at line 6 (")
+    assert "Traceback" not in again.stderr
+
+
+def start_sweep(args: list[str], cwd: Path, data_file: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "abalone.train", *args], cwd=cwd,
+                            env=scrubbed_environ(ABALONE_DATA=str(data_file)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_identical_sweep_commands_share_the_study_and_never_draw_alike(tmp_path, data_file):
+    # The documented way to add processes by hand, in a fresh folder: both create the SQLite
+    # store and the journal at once. Random sampling seeded alike would draw the same sets.
+    args = ["-m", "sweep=quick", "trainer.epochs=2", "trainer.patience=0", "trainer.verbose=0",
+            "hydra.sweeper.sampler.name=random", "hydra.sweeper.pruner.name=none"]
+    for n_trials in (4, 10):  # then again, the store and the study there
+        procs = [start_sweep([*args, f"hydra.sweeper.n_trials={n_trials}"], tmp_path, data_file)
+                 for _ in range(2)]
+        outputs = [p.communicate(timeout=CLI_TIMEOUT)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+        for output in outputs:
+            assert "database is locked" not in output and "Traceback" not in output, output
+        study = load_study(str(tmp_path / "optuna-studies.journal"))
+        ran = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        assert len(ran) == n_trials
+        drawn = [tuple(sorted(t.params.items())) for t in ran]
+        assert len(set(drawn)) == len(drawn), drawn
+        assert {t.user_attrs["pid"] for t in ran} <= {p.pid for p in procs}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,), runs = sweep_runs(client)
+    assert parent.info.status == "FINISHED" and len(runs) == 10
+
+
+@pytest.mark.slow
+def test_a_locked_sqlite_store_is_named_by_its_file(tmp_path, data_file):
+    store = tmp_path / "mlflow.db"
+    made = run_cli(["trainer.epochs=1", "tracking.register=false"], cwd=tmp_path, data=data_file)
+    assert made.returncode == 0, made.stderr[-3000:]
+    holder = sqlite3.connect(store, isolation_level=None)  # another process holds it
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        done = run_cli(["trainer.epochs=1"], cwd=tmp_path, data=data_file)
+    finally:
+        holder.close()
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot use the MLflow store sqlite:///mlflow.db (config key tracking.uri), the "
+        f"SQLite file {store}: (sqlite3.OperationalError) database is locked (another process "
+        "held the file longer than SQLite waits: run again once it is done, or track on an "
+        "MLflow server: tracking=server tracking.uri=http://HOST:5000)")
+    assert "tracking server at" not in done.stderr
