@@ -346,7 +346,7 @@ def open_run(cfg: DictConfig, ready: Prepared, history: dict, output_dir: Path,
     interrupted = trial.interrupted if trial else interrupted
     if ready.experiment_id is None:
         return tracking.TrackedRun(None, interrupted=interrupted)
-    tags = tracking.run_tags(ready.data.path, ready.data.sha256)
+    tags = tracking.run_tags(ready.data.located.tags)
     params = {**tracking.flat_params(cfg), **choices}
     run_name = cfg.tracking.run_name
     if trial:
@@ -379,7 +379,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None =
                 log.info("MLflow run %s in experiment %r at %s", run.run_id,
                          cfg.tracking.experiment, redact(mlflow.get_tracking_uri()))
             if run.run_id:
-                tracking.log_datasets(ready.data.splits, ready.data.path, ready.data.sha256,
+                tracking.log_datasets(ready.data.splits, ready.data.source, ready.data.sha256,
                                       ready.data.target)
             kept, fit_seconds = fit(cfg, ready, run, history, trial)
             result, predicted = evaluate_run(ready, history.history, kept, fit_seconds, run,

@@ -18,7 +18,7 @@ FLOORS = {
     "tracking and workers": ["abalone.tracking", "abalone.workers"],
     "backends": ["abalone.aws", "abalone.data", "abalone.model", "abalone.mlp_program", "abalone.serving",
                  "abalone.search_spaces", "abalone.dataset", "abalone.table",
-                 "abalone.table_serving"],
+                 "abalone.source"],
     "ground": ["abalone.config", "abalone.redact", "abalone.trial", "abalone",
                "hydra_plugins.abalone_optuna_sweeper.config",
                "hydra_plugins.abalone_optuna_sweeper"],
