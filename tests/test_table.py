@@ -273,3 +273,31 @@ def test_a_table_without_rows_or_too_small_for_its_splits_is_refused(tmp_path):
     rows = "".join(f"{i},{i + 0.5}\n" for i in range(5))
     with pytest.raises(DataError, match=r"cannot make the test split with data.test_fraction=0.99"):
         dataset.load(config(write_csv(tmp_path, "x,y\n" + rows), target="y", test_fraction=0.99))
+
+
+def test_whole_numbers_keep_their_type_and_are_checked_by_encode(tmp_path):
+    """A whole-number column stays int64 in the splits (the rows a served model is shown), is
+    declared Any in the signature (MLflow's long refuses a null, its double refuses int64), and
+    encode takes ints, floats and text numbers, refusing a null (data.missing=refuse) or text
+    by row and column."""
+    from abalone.tracking.registry import input_schema
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"year": rng.integers(2007, 2011, 40), "code": rng.integers(1, 4, 40),
+                          "size": rng.normal(size=40), "y": rng.normal(size=40)})
+    path = tmp_path / "t.csv"
+    frame.to_csv(path, index=False)
+    ds = dataset.load(config(path, target="y", categorical=["code"]))
+    assert str(ds.splits.test["year"].dtype) == "int64"
+    types = {c.name: c.to_dict()["type"] for c in input_schema(ds.splits.test[ds.columns]).inputs}
+    assert types == {"year": "any", "code": "any", "size": "double"}
+    rows = pd.DataFrame({"year": [2008, 2009.0, "2010"], "code": [2, 2.0, "2"],
+                         "size": [0.1, 0.2, 0.3]}, dtype=object)
+    inputs, _ = encode(rows, ds.spec)
+    assert inputs[input_name("year")].ravel().tolist() == [2008, 2009, 2010]
+    assert len(set(inputs[input_name("code")].ravel().tolist())) == 1  # one category: 2
+    rows.loc[1, "year"], rows.loc[2, "year"] = None, "MMX"
+    with pytest.raises(MlflowException) as info:
+        encode(rows, ds.spec)
+    assert "row 1, column year: null/NaN (allowed: a finite number)" in info.value.message
+    assert "row 2, column year: 'MMX' (allowed: a finite number)" in info.value.message

@@ -3,7 +3,13 @@ on scikit-learn's tables, the abalone file as a table, and a model builder of th
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -272,36 +278,45 @@ def wine_with_regions(missing: bool) -> pd.DataFrame:
     return frame
 
 
+@contextlib.contextmanager
+def served(root, model_uri: str):
+    """`mlflow models serve` of `model_uri` from the SQLite store in `root`, on 127.0.0.1 (its
+    own process group: the command starts uvicorn as a child); yields the invocations URL."""
+    from conftest import free_port, wait_for_http
+
+    port, tracking_uri = free_port(), f"sqlite:///{root}/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    with open(root / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=root,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, "MLFLOW_TRACKING_URI": tracking_uri})
+    try:
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=240)
+        except RuntimeError as err:
+            pytest.fail(f"{err}\n" + (root / "serve.log").read_text()[-3000:])
+        yield f"http://127.0.0.1:{port}/invocations"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_a_table_model_served_over_http(tmp_path):
     """`mlflow models serve` of a table's model: labels, probabilities by param, an unknown
     category in its out-of-vocabulary slot, a refused value named by row and column (HTTP 400)."""
     import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from conftest import free_port, wait_for_http
     from test_serving import post
 
     wine_with_regions(False).to_csv(tmp_path / "wine.csv", index=False)
     done = run_cli([*TINY, "data=table", "data.path=wine.csv", "data.target=target"],
                    cwd=tmp_path, data=None)
     assert done.returncode == 0, done.stderr[-3000:]
-    port, tracking_uri = free_port(), f"sqlite:///{tmp_path}/mlflow.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}/1",
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**env, "MLFLOW_TRACKING_URI": tracking_uri})
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=240)
-        url = f"http://127.0.0.1:{port}/invocations"
+    with served(tmp_path, f"models:/{MODEL}/1") as url:
         rows = wine_with_regions(False).drop(columns="target").head(3)
         rows.loc[rows.index[1], "region"] = "coastal"  # never seen in training
         body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
@@ -317,9 +332,64 @@ def test_a_table_model_served_over_http(tmp_path):
         status, text = post(url, body)
         assert status == 400, text
         assert f"row 2, column {rows.columns[2]}: null/NaN" in json.loads(text)["message"]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+
+
+def vintages() -> pd.DataFrame:
+    """The wine table with two whole-number columns (int64 in pandas): a year, and a region's
+    code listed in data.categorical."""
+    frame = frames()["wine"].copy()
+    rng = np.random.default_rng(0)
+    frame.insert(0, "year", rng.integers(2007, 2011, len(frame)))
+    frame.insert(1, "region", rng.integers(1, 4, len(frame)))
+    return frame
+
+
+@pytest.mark.slow
+def test_a_model_takes_its_own_files_rows_whole_numbers_included(tmp_path, monkeypatch):
+    """What pandas reads of the training file (CSV or Parquet: year and region int64) goes
+    through pyfunc and `mlflow models serve` JSON (2007 an integer); a null is imputed
+    (data.missing=impute), text in a number's column refused by row and column (HTTP 400)."""
+    import json
+
+    from test_serving import post
+
+    vintages().to_csv(tmp_path / "vintages.csv", index=False)
+    vintages().to_parquet(tmp_path / "vintages.parquet")
+    done = run_cli([*TINY, "data=table", "data.path=vintages.csv", "data.target=target",
+                    "data.categorical=[region]", "data.missing=impute"], cwd=tmp_path, data=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
+    types = {c.name: c.to_dict()["type"] for c in model.metadata.signature.inputs.inputs}
+    assert types["year"] == types["region"] == "any" and types["alcohol"] == "double"
+    for rows in (pd.read_csv(tmp_path / "vintages.csv").head(5),
+                 pd.read_parquet(tmp_path / "vintages.parquet").head(5)):
+        assert str(rows["year"].dtype) == "int64"  # the target column too: it is ignored
+        assert len(model.predict(rows)) == 5
+    rows = pd.read_csv(tmp_path / "vintages.csv").head(5).drop(columns="target")
+    gap = rows.copy()
+    gap.loc[1, "year"] = None  # float64 with NaN, as pandas gives a gap: imputed
+    assert set(model.predict(gap)) <= {0, 1, 2}
+    typo = rows.astype({"year": object})
+    typo.loc[2, "year"] = "MMVII"
+    with pytest.raises(mlflow.exceptions.MlflowException,
+                       match=r"row 2, column year: 'MMVII' \(allowed: a finite number"):
+        model.predict(typo)
+
+    with served(tmp_path, f"models:/{MODEL}/1") as url:
+        body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+        assert body["dataframe_split"]["data"][0][0] in range(2007, 2011)  # an int in the JSON
+        status, text = post(url, body)
+        assert status == 200, text
+        assert json.loads(text)["predictions"] == list(model.predict(rows))
+        body["dataframe_split"]["data"][1][0] = None
+        status, text = post(url, body)
+        assert status == 200, text
+        body["dataframe_split"]["data"][2][0] = "MMVII"
+        status, text = post(url, body)
+        assert status == 400, text
+        assert "row 2, column year: 'MMVII'" in json.loads(text)["message"]
 
 
 @pytest.mark.slow

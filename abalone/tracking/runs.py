@@ -183,15 +183,14 @@ def model_requirements() -> list[str]:
 def log_model(keras_path: Path, rows, predicted, spec_path: Path) -> str:
     """Log the pyfunc model (abalone/serving.py) around the saved Keras model and the table's
     spec (`spec_path`, table.json); return its URI. The signature's inputs and the input example
-    are the raw columns of `rows`."""
+    are the raw columns of `rows` (registry.input_schema: whole-number columns as Any)."""
     import json
 
     from abalone import serving
+    from abalone.tracking.registry import input_schema
 
     sample = rows.head(5).reset_index(drop=True)
     spec = json.loads(spec_path.read_text())
-    # Numbers as doubles: an integer column in the signature would refuse a null later.
-    sample = sample.astype({c: "float64" for c in spec["numeric"]})
     output, params = serving.answer(predicted[:5], spec, False), None
     if spec["task"] != serving.REGRESSION:
         output, params = output.tolist(), {"probabilities": False}  # labels of any type
@@ -200,7 +199,8 @@ def log_model(keras_path: Path, rows, predicted, spec_path: Path) -> str:
         name="model", python_model=serving.__file__,
         artifacts={serving.KERAS_MODEL_ARTIFACT: str(keras_path),
                    serving.SPEC_ARTIFACT: str(spec_path)},
-        signature=inferred,
+        signature=mlflow.models.ModelSignature(input_schema(rows), inferred.outputs,
+                                               inferred.params),
         input_example=sample, pip_requirements=model_requirements())
     return info.model_uri
 
