@@ -279,5 +279,3 @@ def check_ranges(cfg: Any) -> None:
     require(not cfg.output.s3_uri or cfg.output.s3_uri.startswith("s3://"), "output.s3_uri",
              "an s3://bucket/prefix URI", cfg.output.s3_uri)
     require(bool(tr.experiment), "tracking.experiment", "a non-empty name", tr.experiment)
-    require(bool(tr.registered_model) or not tr.register, "tracking.registered_model",
-             "a non-empty name when tracking.register=true", tr.registered_model)

@@ -40,7 +40,9 @@ def test_defaults_are_the_documented_ones():
     cfg = compose_config()
     assert cfg.tracking.uri == "sqlite:///mlflow.db"
     assert cfg.tracking.experiment == "abalone-tensorflow-experiment"
-    assert cfg.tracking.registered_model == "abalone-tensorflow-model"
+    # null: the data's own name; data=abalone's is the AWS sample's
+    assert cfg.tracking.registered_model is None
+    assert cfg.data.model_name == "abalone-tensorflow-model"
     assert cfg.tracking.register is True
     assert (cfg.model.units, cfg.model.depth, cfg.model.batch_norm) == (128, 3, False)  # mlp
     assert (cfg.trainer.batch_size, cfg.optimizer.schedule.value) == (256, "cosine")

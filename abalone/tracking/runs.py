@@ -132,7 +132,7 @@ def _git_commit() -> str | None:
 
 def run_tags(data_tags: dict[str, str]) -> dict[str, str]:
     """Provenance: the data's tags (dataset.path, dataset.sha256, where a remote file came from
-    and how it was checked), Keras, its backend, MLflow,
+    and how it was checked; the table's target, task and inputs), Keras, its backend, MLflow,
     the code's git commit."""
     import keras
 
@@ -257,6 +257,16 @@ def register(model_uri: str, name: str, run_id: str, metrics: dict[str, float],
 
     version_tags = {**{k: f"{v:.4f}" for k, v in metrics.items()}, **(tags or {})}
     return once.register_version(model_uri, name, run_id, version_tags)
+
+
+def register_checked(model_uri: str, name: str, run_id: str, metrics: dict[str, float], ds):
+    """A single run's registration: the name checked again (the store may have changed while
+    the run trained), the version tagged with its table's identity (abalone/tracking/registry.py)."""
+    from abalone.tracking import registry
+
+    wanted = registry.table_identity(ds)
+    registry.check(mlflow.MlflowClient(), name, wanted)
+    return register(model_uri, name, run_id, metrics, wanted)
 
 
 def runs_table_url(host: str, experiment_id: str, search_filter: str | None = None) -> str:
