@@ -95,7 +95,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return match.group(1), (match.group(2) or "").strip("/")
 
 
-def _s3_client():
+def _s3_client(max_attempts: int = 8):
     import boto3
 
     # boto3 reads AWS_ENDPOINT_URL(_S3) itself; MLFLOW_S3_ENDPOINT_URL is MLflow's name for it.
@@ -104,9 +104,10 @@ def _s3_client():
     from botocore.config import Config
 
     # Every request here may be repeated (PUTs of the same keys, reads): more attempts than
-    # boto3's default 3 ride out a throttled or briefly unreachable endpoint.
+    # boto3's default 3 ride out a throttled or briefly unreachable endpoint. (Reading a table,
+    # abalone/source.py takes 3: unreachable, it has a cached copy to use.)
     return boto3.client("s3", endpoint_url=endpoint,
-                        config=Config(retries={"mode": "standard", "max_attempts": 8}))
+                        config=Config(retries={"mode": "standard", "max_attempts": max_attempts}))
 
 
 def check_s3_output(uri: str) -> None:

@@ -15,10 +15,6 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-UCI_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/abalone/abalone.data"
-UCI_SHA256 = "de37cdcdcaaa50c309d514f248f7c2302a5f1f88c168905eba23fe2fbc78449f"
-
-
 class AbaloneError(Exception):
     """An expected failure (bad setting, bad data, unreachable server) with a message for users."""
 
@@ -69,19 +65,6 @@ class OptimizerConfig:
     final_lr_fraction: float = 0.0  # cosine schedule: lr at the end, as a fraction of lr
 
 
-@dataclass
-class DataConfig:
-    path: Optional[str] = None  # else $ABALONE_DATA, else the UCI download cached in cache_dir
-    url: str = UCI_URL
-    sha256: str = UCI_SHA256
-    cache_dir: str = "~/.cache/abalone"
-    # The holdout is the AWS sample's: train_test_split(test_size=0.2, random_state=42).
-    test_fraction: float = 0.2
-    holdout_seed: int = 42
-    val_fraction: float = 0.2  # of the rows left after the holdout
-    split_seed: int = 0
-
-
 class Task(str, Enum):
     regression = "regression"
     classification = "classification"
@@ -93,23 +76,43 @@ class Missing(str, Enum):
 
 
 @dataclass
-class TableDataConfig:
-    """data=table: any CSV or Parquet table (abalone/table.py reads and checks it)."""
+class Bounds:
+    """A numeric column's allowed values (data.bounds.COLUMN), checked in the file and when
+    served: a value outside them is refused, naming it."""
 
-    path: str = MISSING  # a local file, s3://bucket/key or https://...; relative: also tried in
-    # the SageMaker training channel ($SM_CHANNEL_TRAINING)
+    min: Optional[float] = None
+    max: Optional[float] = None
+    integer: bool = False  # whole numbers only
+
+
+@dataclass
+class TableDataConfig:
+    """data=table, and data=abalone (its preset): a CSV or Parquet table (abalone/table.py reads
+    and checks it, abalone/source.py finds or downloads it)."""
+
+    # A local file, s3://bucket/key or https://...; relative: also tried in the SageMaker
+    # training channel ($SM_CHANNEL_TRAINING). null: data.url's file (in the channel, else
+    # downloaded).
+    path: Optional[str] = MISSING
+    url: Optional[str] = None  # where the file is downloaded from when data.path is null
     format: Optional[str] = None  # csv or parquet; null: from the file's suffix
     header: bool = True  # CSV: the first line names the columns
     sep: str = ","  # CSV
     columns: Optional[List[str]] = None  # names for a header-less CSV's columns
     target: str = MISSING
     features: Optional[List[str]] = None  # null: every other column
-    categorical: Optional[List[str]] = None  # null: string and boolean columns
+    categorical: Optional[List[str]] = None  # null: text and true/false columns
+    categories: Dict[str, List[Any]] = field(default_factory=dict)  # a column's only values
+    bounds: Dict[str, Bounds] = field(default_factory=dict)  # a numeric column's allowed range
     task: Optional[Task] = None  # null: inferred from the target, with the reason printed
     missing: Missing = Missing.refuse
     max_categories: int = 100  # a categorical column with more distinct values is an error
-    sha256: Optional[str] = None  # checked when given; always recorded
-    cache_dir: str = "~/.cache/abalone/tables"  # where s3:// and https:// tables are downloaded
+    # Pins the file data.url names (else data.path's): checked on every run; always recorded.
+    sha256: Optional[str] = None
+    cache_dir: str = "~/.cache/abalone/tables"  # where remote files are kept
+    # The registered model's name when tracking.registered_model is null; null: the file's stem
+    # and the target (penguins-species).
+    model_name: Optional[str] = None
     test_fraction: float = 0.2
     holdout_seed: int = 42
     val_fraction: float = 0.2  # of the rows left after the holdout
@@ -138,7 +141,8 @@ class TrackingConfig:
     server_name: Optional[str] = None
     region: Optional[str] = None
     experiment: str = "abalone-tensorflow-experiment"
-    registered_model: str = "abalone-tensorflow-model"
+    # null: the data's model name (data.model_name, else the file's stem and the target)
+    registered_model: Optional[str] = None
     register: bool = True
     run_name: Optional[str] = None
     # Seconds to wait for the tracking server before giving up (MLflow's own default is minutes).
@@ -211,7 +215,7 @@ class Config:
     # defaults); an option of a user's own names its builder and keys (docs/your-data.md).
     model: Any = MISSING
     optimizer: OptimizerConfig = MISSING
-    # data=abalone (DataConfig) or data=table (TableDataConfig): each option names its schema.
+    # data=abalone and data=table: a table (TableDataConfig), each option naming the schema.
     data: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -224,7 +228,6 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 # Outside the groups, so --help lists only the options; an option includes one with
 # `- /NAME@_here_` in its defaults.
 ConfigStore.instance().store(name="model_mlp_schema", node=ModelConfig)
-ConfigStore.instance().store(name="data_abalone_schema", node=DataConfig)
 ConfigStore.instance().store(name="data_table_schema", node=TableDataConfig)
 ConfigStore.instance().store(group="workers", name="local_schema", node=LocalWorkersConfig)
 ConfigStore.instance().store(group="workers", name="container_schema",
@@ -248,8 +251,13 @@ def check_ranges(cfg: Any) -> None:
         require(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
     else:
         require(bool(m.get("_target_")), "model._target_", "the builder's dotted name", None)
-    if "max_categories" in d:
-        require(d.max_categories >= 2, "data.max_categories", ">= 2", d.max_categories)
+    require(d.max_categories >= 2, "data.max_categories", ">= 2", d.max_categories)
+    for column, values in d.categories.items():
+        require(len(values) > 0 and len({str(v) for v in values}) == len(values),
+                f"data.categories.{column}", "a list of distinct values", list(values))
+    for column, b in d.bounds.items():
+        require(b.min is None or b.max is None or b.min <= b.max, f"data.bounds.{column}.min",
+                f"<= data.bounds.{column}.max", b.min)
     require(o.lr > 0, "optimizer.lr", "> 0", o.lr)
     require(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0", o.weight_decay)
     require(0 <= o.momentum < 1, "optimizer.momentum", "in [0, 1)", o.momentum)
@@ -271,5 +279,3 @@ def check_ranges(cfg: Any) -> None:
     require(not cfg.output.s3_uri or cfg.output.s3_uri.startswith("s3://"), "output.s3_uri",
              "an s3://bucket/prefix URI", cfg.output.s3_uri)
     require(bool(tr.experiment), "tracking.experiment", "a non-empty name", tr.experiment)
-    require(bool(tr.registered_model) or not tr.register, "tracking.registered_model",
-             "a non-empty name when tracking.register=true", tr.registered_model)

@@ -1,7 +1,7 @@
-"""The data of a run as the training code takes it, whichever `data` option gave it: the rows and
-their splits, the model's inputs and targets, what the model builder is told of the table, and
-how the registered model serves it. data=abalone is today's code (abalone/data.py,
-abalone/serving.py); data=table is abalone/table.py and abalone/table_serving.py.
+"""The data of a run as the training code takes it: where the file came from (abalone/source.py),
+its rows checked (abalone/table.py) and split, the model's inputs and targets, what the model
+builder is told of the table (`spec`, from the training rows only), and the name its models
+register under by default. data=abalone is a preset of data=table (conf/data/abalone.yaml).
 """
 
 from __future__ import annotations
@@ -9,50 +9,74 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from abalone import data, serving, table, table_serving
+from abalone import serving, source, table
+from abalone.table import DataError, Splits
 
 log = logging.getLogger(__name__)
+__all__ = ["DataError", "Dataset", "Splits", "load"]
 
 
 @dataclass
 class Dataset:
-    path: Path
-    sha256: str
-    splits: data.Splits
-    target: str
-    spec: dict | None = None  # data=table: abalone/table.py's spec; None for data=abalone
-    feature_stats: tuple | None = None  # data=abalone: the measurements' mean and variance
+    located: source.Located
+    splits: Splits
+    spec: dict  # what the model and the served model know of the table (`spec` below)
+    model_name: str  # the registered model's name unless tracking.registered_model says
+
+    @property
+    def path(self) -> Path:
+        return self.located.path
+
+    @property
+    def sha256(self) -> str:
+        return self.located.sha256
+
+    @property
+    def source(self) -> str:
+        """The file as a run records it: its path, or its URL without credentials."""
+        return self.located.source
+
+    @property
+    def name(self) -> str:
+        """The table's name in run names: its file's stem (abalone, penguins)."""
+        return PurePosixPath(urlsplit(self.source).path).stem or "table"
+
+    @property
+    def target(self) -> str:
+        return self.spec["target"]
+
+    @property
+    def task(self) -> str:
+        return self.spec["task"]
+
+    @property
+    def classes(self) -> list | None:
+        return self.spec["classes"]
+
+    @property
+    def columns(self) -> list[str]:
+        """The raw columns a served model takes, in the file's order."""
+        return self.spec["features"]
 
     @functools.cached_property
     def table(self):
         """What a model builder is given (abalone.model.TableInputs). Keras loads here, after
         the data is checked, and quietly (abalone.run.import_keras)."""
-        from abalone.model import abalone_inputs, table_inputs
+        from abalone.model import table_inputs
 
-        return abalone_inputs(*self.feature_stats) if self.spec is None else table_inputs(self.spec)
-
-    @property
-    def task(self) -> str:
-        return table_serving.REGRESSION if self.spec is None else self.spec["task"]
-
-    @property
-    def columns(self) -> list[str]:
-        """The raw columns a served model takes."""
-        if self.spec is None:
-            return list(serving.FEATURE_COLUMNS)
-        return [*self.spec["numeric"], *self.spec["categorical"]]
+        return table_inputs(self.spec)
 
     def inputs(self, frame: pd.DataFrame, name: str = "") -> dict[str, np.ndarray]:
-        if self.spec is None:
-            return serving.model_inputs(frame)
-        inputs, oov = table_serving.encode(frame, self.spec)
+        inputs, oov = serving.encode(frame, self.spec)
         unknown = {c: n for c, n in oov.items() if n}
         if unknown:
             log.info("%s rows: values the training rows never had (out-of-vocabulary slot): %s",
@@ -62,18 +86,14 @@ class Dataset:
     def targets(self, frame: pd.DataFrame) -> np.ndarray:
         """Regression: the values; classification: each row's class index (float for the
         sigmoid of two classes, integer for a softmax)."""
-        if self.spec is None:
-            return data.target(frame)
         y = frame[self.target]
-        if self.task == table_serving.REGRESSION:
+        if self.task == serving.REGRESSION:
             return y.to_numpy("float32").reshape(-1, 1)
-        index = {table_serving.token(c): i for i, c in enumerate(self.spec["classes"])}
-        classes = y.map(table_serving.token).map(index).to_numpy()
+        index = {serving.token(c): i for i, c in enumerate(self.classes)}
+        classes = y.map(serving.token).map(index).to_numpy()
         return classes.astype("float32" if len(index) == 2 else "int32").reshape(-1, 1)
 
-    def save_spec(self, folder: Path) -> Path | None:
-        if self.spec is None:
-            return None
+    def save_spec(self, folder: Path) -> Path:
         path = folder / "table.json"
         path.write_text(json.dumps(self.spec, indent=1))
         return path
@@ -87,17 +107,76 @@ def _read_table(path: Path, mtime_ns: int, size: int, settings: str) -> tuple[pd
 
 
 def load(data_cfg) -> Dataset:
-    """Read, check and split the data `data_cfg` names; fail before training with where."""
-    if "target" not in data_cfg:  # data=abalone
-        path = data.resolve_path(data_cfg)
-        splits = data.split(data.load(path), data_cfg)
-        measurements = splits.train[list(serving.NUMERIC_COLUMNS)].to_numpy("float64")
-        return Dataset(path, data.sha256_of(path), splits, data.TARGET,
-                       feature_stats=(measurements.mean(axis=0), measurements.var(axis=0)))
-    path = table.resolve(data_cfg)
-    stat = path.stat()
-    frame, info = _read_table(path, stat.st_mtime_ns, stat.st_size,
+    """Find, read, check and split the data `data_cfg` names; fail before training with where."""
+    located = source.locate(data_cfg)
+    stat = located.path.stat()
+    frame, info = _read_table(located.path, stat.st_mtime_ns, stat.st_size,
                               OmegaConf.to_yaml(data_cfg, resolve=True))
-    splits = table.split(frame, info, data_cfg, path)
-    spec = table.spec(splits.train, info, data_cfg)
-    return Dataset(path, data.sha256_of(path), splits, info["target"], spec)
+    splits = split(frame, info, data_cfg, located.source)
+    return Dataset(located, splits, spec(splits.train, info, data_cfg),
+                   data_cfg.get("model_name") or model_name(located.source, info["target"]))
+
+
+def model_name(file: str, target: str) -> str:
+    """The registered model's name for a table: its file's stem and its target, in the
+    letters, digits and dashes every registry takes (penguins-species)."""
+    stem = PurePosixPath(urlsplit(file).path).stem
+    name = re.sub(r"[^a-z0-9]+", "-", f"{stem}-{target}".lower()).strip("-")
+    return name[:63].rstrip("-") or "table-model"
+
+
+def split(frame: pd.DataFrame, info: dict, cfg, where_file: str) -> Splits:
+    """The holdout, then the validation rows out of the rest (scikit-learn's train_test_split
+    with data.holdout_seed, data.split_seed: for the Abalone file, the AWS sample's holdout),
+    stratified by class when classifying; a split left empty, or a class too rare for it, is
+    an error."""
+    from sklearn.model_selection import train_test_split
+
+    stratify = info["task"] == serving.CLASSIFICATION
+    parts = {}
+    rest = frame
+    for name, fraction, seed in (("test", cfg.test_fraction, cfg.holdout_seed),
+                                 ("val", cfg.val_fraction, cfg.split_seed)):
+        key = "data.test_fraction" if name == "test" else "data.val_fraction"
+        try:
+            rest, parts[name] = train_test_split(
+                rest, test_size=fraction, random_state=seed,
+                stratify=rest[info["target"]].map(serving.token) if stratify else None)
+        except ValueError as err:
+            counts = rest[info["target"]].map(serving.token).value_counts()
+            rare = (f"; the rarest class, {counts.index[-1]!r}, has {counts.iloc[-1]} rows"
+                    if stratify else "")
+            raise DataError(f"{where_file}: {len(rest)} rows cannot make the {name} split with "
+                            f"{key}={fraction}{rare}: {err}") from err
+    splits = Splits(train=rest, val=parts["val"], test=parts["test"])
+    for name in ("train", "val", "test"):
+        if len(getattr(splits, name)) == 0:
+            raise DataError(f"{where_file}: the {name} split is empty ({len(frame)} rows)")
+    return splits
+
+
+def spec(train: pd.DataFrame, info: dict, cfg) -> dict:
+    """What the model and the served model need to know of the table, from the training rows:
+    the columns, normalisation statistics, vocabularies (declared values as given; learned ones
+    sorted, index 0 being their out-of-vocabulary slot), bounds, the values that fill in a
+    missing one, the classes."""
+    impute = table.missing_policy(cfg) == "impute"
+    numeric, categorical = info["numeric"], info["categorical"]
+    declared = {c: [serving.token(v) for v in cfg.categories[c]] for c in info["declared"]}
+    vocab = {c: declared.get(c) or sorted(train[c].dropna().map(serving.token).unique().tolist())
+             for c in categorical}
+    fill = {c: float(train[c].mean()) for c in numeric}
+    fill.update({c: train[c].dropna().map(serving.token).mode().iloc[0] for c in categorical})
+    values = train[numeric].astype("float64").fillna(pd.Series(fill)).to_numpy("float64")
+    return {
+        "target": info["target"], "task": info["task"],
+        "classes": [c.item() if isinstance(c, np.generic) else c for c in info["classes"]]
+        if info["classes"] is not None else None,
+        "features": info["features"], "numeric": numeric, "categorical": categorical,
+        "declared": info["declared"], "vocabulary": vocab, "bounds": info["bounds"],
+        "mean": values.mean(axis=0).tolist(), "variance": values.var(axis=0).tolist(),
+        "missing": "impute" if impute else "refuse",
+        # Flags only for the columns the training rows miss values of.
+        "flagged": [c for c in [*numeric, *categorical] if impute and train[c].isna().any()],
+        "fill": fill,
+    }

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as sk  # noqa: E402
 
-from abalone.table_serving import REGRESSION, probabilities  # noqa: E402
+from abalone.serving import REGRESSION, probabilities  # noqa: E402
 
 # The metric of a task that ranks its models: the champion gate, a run's return value.
 PRIMARY = {"regression": "rmse", "classification": "log_loss"}

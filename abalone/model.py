@@ -15,8 +15,7 @@ import numpy as np
 from keras import layers
 
 from abalone.config import ConfigError, OptimizerName, Schedule
-from abalone.serving import NUMERIC_COLUMNS, SEX_VALUES
-from abalone.table_serving import REGRESSION, flag_name, input_name
+from abalone.serving import REGRESSION, flag_name, input_name
 
 
 def hidden_widths(units: int, depth: int, taper: float) -> list[int]:
@@ -32,7 +31,9 @@ class TableInputs:
     numeric: list[str]  # input names of numeric columns, float32 (rows, 1)
     mean: np.ndarray  # of the numeric columns over the training rows
     variance: np.ndarray
-    categorical: dict[str, int]  # input name -> indices it takes, int32 (rows, 1); 0: unknown
+    # input name -> indices it takes, int32 (rows, 1): 0 for a value the training rows never
+    # had, except in a column of declared values (data.categories), which refuses any other
+    categorical: dict[str, int]
     flags: list[str] = field(default_factory=list)  # 1.0 where a missing value was filled in
     task: str = REGRESSION
     n_classes: int | None = None  # classification: 2 or more
@@ -71,29 +72,20 @@ class TableInputs:
         return layers.Dense(self.n_outputs, activation=activation, name=self.output_name)(x)
 
 
-def abalone_inputs(feature_mean: np.ndarray, feature_variance: np.ndarray) -> TableInputs:
-    """data=abalone's inputs: seven measurements and Sex as its index in M, F, I."""
-    return TableInputs(list(NUMERIC_COLUMNS), feature_mean, feature_variance,
-                       {"Sex": len(SEX_VALUES)}, output_name="Rings")
-
-
 def table_inputs(spec: dict) -> TableInputs:
-    """data=table's inputs, from abalone/table.py's spec of the training rows."""
+    """The table's inputs, from abalone/dataset.py's spec of the training rows."""
     return TableInputs(
         [input_name(c) for c in spec["numeric"]], np.asarray(spec["mean"]),
         np.asarray(spec["variance"]),
-        {input_name(c): len(spec["vocabulary"][c]) + 1 for c in spec["categorical"]},
+        {input_name(c): len(spec["vocabulary"][c]) + (c not in spec["declared"])
+         for c in spec["categorical"]},
         [flag_name(c) for c in spec["flagged"]], spec["task"],
         len(spec["classes"]) if spec["classes"] else None, input_name(spec["target"]))
 
 
 def build_mlp(units: int, depth: int, taper: float, activation: str, dropout: float,
-              batch_norm: bool, *, table: TableInputs | None = None,
-              feature_mean: np.ndarray | None = None,
-              feature_variance: np.ndarray | None = None) -> keras.Model:
-    """An MLP on the table's features with the task's head; without `table`, on Abalone's
-    measurements (normalised with `feature_mean`, `feature_variance`) and one-hot Sex."""
-    table = table or abalone_inputs(feature_mean, feature_variance)
+              batch_norm: bool, *, table: TableInputs) -> keras.Model:
+    """An MLP on the table's features with the task's head."""
     inputs = table.inputs()
     x = table.features(inputs)
     for width in hidden_widths(units, depth, taper):
@@ -102,8 +94,7 @@ def build_mlp(units: int, depth: int, taper: float, activation: str, dropout: fl
             x = layers.BatchNormalization()(x)
         if dropout:
             x = layers.Dropout(dropout)(x)
-    name = "abalone_regressor" if table.output_name == "Rings" else f"table_{table.task}"
-    return keras.Model(inputs, table.head(x), name=name)
+    return keras.Model(inputs, table.head(x), name=f"table_{table.task}")
 
 
 build_regressor = build_mlp  # the name conf/model's options have always used

@@ -1,17 +1,23 @@
-"""Secrets never shown: URLs without their passwords, and the config keys whose values are never
-logged, whatever group they come from."""
+"""Secrets never shown: URLs without their passwords and signatures, and the config keys whose
+values are never logged, whatever group they come from."""
 
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 SECRET_KEY = re.compile(r"secret|password|token|credential|access_key|session_key", re.I)
+# Query parameters that carry a credential or a request's signature: presigned S3 and GCS URLs,
+# Azure SAS tokens, API keys.
+SECRET_PARAMETER = re.compile(r"signature|credential|token|secret|password|^sig$|^key$|apikey|"
+                              r"api_key|accesskeyid", re.I)
 
 
 def redact(uri: str) -> str:
-    """`uri` without the password of any user:password@ part."""
+    """`uri` without the password of any user:password@ part, and with the values of its
+    signature and credential query parameters replaced by ***."""
     parts = urlsplit(uri)
+<<<<<<< HEAD
     if parts.password is None:
         return uri
     host = parts.hostname or ""
@@ -26,3 +32,16 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):
 def redact_text(text: str) -> str:
     """`text` with the password of every user:password@ URL in it masked."""
     return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+=======
+    if parts.password is not None:
+        host = parts.hostname or ""
+        netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        uri = uri.replace(f"//{parts.netloc}", f"//{netloc}", 1)
+    if parts.query and parts.scheme:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(SECRET_PARAMETER.search(key) for key, _ in pairs):
+            query = urlencode([(k, "***" if SECRET_PARAMETER.search(k) else v)
+                               for k, v in pairs], safe="*")
+            uri = uri.replace(f"?{parts.query}", f"?{query}", 1)
+    return uri
+>>>>>>> tables

@@ -173,6 +173,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     """Everything that can fail before a run exists: ranges, data, tracking, S3, the model."""
     check_ranges(cfg)
     ds = dataset.load(cfg.data)
+    # null: the data's own name (data.model_name, or the file's stem and target), so recorded.
+    cfg.tracking.registered_model = cfg.tracking.registered_model or ds.model_name
     experiment_id = tracking.connect(cfg.tracking) if cfg.tracking.enabled else None
     if cfg.output.s3_uri:
         aws.check_s3_output(cfg.output.s3_uri)
@@ -303,8 +305,9 @@ def record(cfg: DictConfig, ready: Prepared, history: dict, result: RunResult, p
     if trial:
         trial.trial.set_user_attr("mlflow_model_uri", model_uri)
     elif cfg.tracking.register:
-        result.model_version = tracking.register(model_uri, cfg.tracking.registered_model,
-                                                 result.run_id, result.metrics).version
+        result.model_version = tracking.register_checked(
+            model_uri, cfg.tracking.registered_model, result.run_id, result.metrics,
+            ready.data).version
 
 
 def record_stop(cfg: DictConfig, history: dict, output_dir: Path, trial: TrialContext | None,
@@ -346,7 +349,7 @@ def open_run(cfg: DictConfig, ready: Prepared, history: dict, output_dir: Path,
     interrupted = trial.interrupted if trial else interrupted
     if ready.experiment_id is None:
         return tracking.TrackedRun(None, interrupted=interrupted)
-    tags = tracking.run_tags(ready.data.path, ready.data.sha256)
+    tags = tracking.run_tags({**ready.data.located.tags, **tracking.table_identity(ready.data)})
     params = {**tracking.flat_params(cfg), **choices}
     run_name = cfg.tracking.run_name
     if trial:
@@ -369,6 +372,8 @@ def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None =
     """Train, evaluate, log and (outside sweeps) register one model as `cfg` says; a single
     run's Ctrl-C sets `interrupted`."""
     ready = prepare(cfg)
+    if trial is None and ready.experiment_id and cfg.tracking.register:  # before any run exists
+        tracking.check_name(cfg.tracking.registered_model, ready.data)
     history = ready.keras.callbacks.History()
     run = open_run(cfg, ready, history.history, output_dir, trial, choices or {}, interrupted)
     try:
@@ -379,7 +384,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None =
                 log.info("MLflow run %s in experiment %r at %s", run.run_id,
                          cfg.tracking.experiment, redact(mlflow.get_tracking_uri()))
             if run.run_id:
-                tracking.log_datasets(ready.data.splits, ready.data.path, ready.data.sha256,
+                tracking.log_datasets(ready.data.splits, ready.data.source, ready.data.sha256,
                                       ready.data.target)
             kept, fit_seconds = fit(cfg, ready, run, history, trial)
             result, predicted = evaluate_run(ready, history.history, kept, fit_seconds, run,

@@ -33,15 +33,15 @@ def fit_with_logger(client, epochs: int, interval: float = 0.0, optimizer="adam"
     import keras
 
     from abalone.callbacks import MlflowLogger
-    from abalone.data import NUMERIC_COLUMNS
     from abalone.model import build_regressor
+    from test_config_and_model import abalone_table
 
     rng = np.random.default_rng(0)
-    x = {"Sex": rng.integers(0, 3, (64, 1)).astype("int32")}
-    x.update({c: rng.random((64, 1), dtype="float32") for c in NUMERIC_COLUMNS})
+    table = abalone_table(0.0, 1.0)
+    x = {name: rng.integers(0, 3, (64, 1)).astype("int32") for name in table.categorical}
+    x.update({c: rng.random((64, 1), dtype="float32") for c in table.numeric})
     y = rng.random((64, 1), dtype="float32")
-    model = build_regressor(8, 1, 1.0, "relu", 0.0, False, feature_mean=np.zeros(7),
-                            feature_variance=np.ones(7))
+    model = build_regressor(8, 1, 1.0, "relu", 0.0, False, table=table)
     model.compile(optimizer, loss="mse", metrics=[keras.metrics.RootMeanSquaredError(name="rmse"),
                                                keras.metrics.MeanAbsoluteError(name="mae")])
     model.fit(x, y, validation_split=0.25, epochs=epochs, batch_size=16, verbose=0,

@@ -18,6 +18,19 @@ MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml"))
 
 
+MEASUREMENTS = ["Length", "Diameter", "Height", "Whole_weight", "Shucked_weight",
+                "Viscera_weight", "Shell_weight"]
+
+
+def abalone_table(mean: float = 0.5, variance: float = 0.1):
+    """data=abalone's model inputs: seven measurements and Sex as its index in M, F, I."""
+    from abalone.model import TableInputs
+    from abalone.serving import input_name
+
+    return TableInputs([input_name(c) for c in MEASUREMENTS], np.full(7, mean),
+                       np.full(7, variance), {input_name("Sex"): 3})
+
+
 def compose_config(*overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
@@ -27,7 +40,9 @@ def test_defaults_are_the_documented_ones():
     cfg = compose_config()
     assert cfg.tracking.uri == "sqlite:///mlflow.db"
     assert cfg.tracking.experiment == "abalone-tensorflow-experiment"
-    assert cfg.tracking.registered_model == "abalone-tensorflow-model"
+    # null: the data's own name; data=abalone's is the AWS sample's
+    assert cfg.tracking.registered_model is None
+    assert cfg.data.model_name == "abalone-tensorflow-model"
     assert cfg.tracking.register is True
     assert (cfg.model.units, cfg.model.depth, cfg.model.batch_norm) == (128, 3, False)  # mlp
     assert (cfg.trainer.batch_size, cfg.optimizer.schedule.value) == (256, "cosine")
@@ -75,18 +90,18 @@ def test_out_of_range_values_fail_naming_the_key(override, key):
 def test_every_model_and_optimizer_builds_and_trains_a_step(model_name, optimizer_name):
     import keras
 
-    from abalone.data import NUMERIC_COLUMNS
     from abalone.model import hidden_widths
 
     cfg = compose_config(f"model={model_name}", f"optimizer={optimizer_name}")
-    model = instantiate(cfg.model, feature_mean=np.full(7, 0.5), feature_variance=np.full(7, 0.1))
+    table = abalone_table()
+    model = instantiate(cfg.model, _partial_=True)(table=table)  # a dataclass, kept as one
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     m = cfg.model
     assert [d.units for d in dense] == hidden_widths(m.units, m.depth, m.taper) + [1]
     model.compile(optimizer=instantiate(cfg.optimizer, steps_per_epoch=4, epochs=2), loss="mse")
     rng = np.random.default_rng(0)
-    inputs = {"Sex": rng.integers(0, 3, (16, 1)).astype("int32")}
-    inputs.update({c: rng.random((16, 1), dtype="float32") for c in NUMERIC_COLUMNS})
+    inputs = {name: rng.integers(0, 3, (16, 1)).astype("int32") for name in table.categorical}
+    inputs.update({c: rng.random((16, 1), dtype="float32") for c in table.numeric})
     loss = model.train_on_batch(inputs, rng.random((16, 1), dtype="float32"))
     assert np.isfinite(loss)
 
@@ -95,7 +110,7 @@ def test_baseline_is_the_sample_network():
     from hydra.utils import instantiate as build
 
     cfg = compose_config("model=baseline")
-    model = build(cfg.model, feature_mean=np.zeros(7), feature_variance=np.ones(7))
+    model = build(cfg.model, _partial_=True)(table=abalone_table(0.0, 1.0))
     kinds = [type(layer).__name__ for layer in model.layers
              if type(layer).__name__ in ("Dense", "BatchNormalization", "Dropout")]
     assert kinds == ["Dense", "BatchNormalization", "Dropout"] * 3 + ["Dense"]
@@ -122,14 +137,13 @@ def test_model_code_runs_under_the_jax_backend(tmp_path):
     script = (
         "import keras, numpy as np\n"
         "assert keras.backend.backend() == 'jax'\n"
-        "from abalone.model import build_regressor, build_optimizer\n"
-        "from abalone.data import NUMERIC_COLUMNS\n"
-        "m = build_regressor(32, 2, 0.5, 'relu', 0.1, True, feature_mean=np.zeros(7),"
-        " feature_variance=np.ones(7))\n"
+        "from abalone.model import TableInputs, build_regressor, build_optimizer\n"
+        "table = TableInputs([f'c_{i}' for i in range(7)], np.zeros(7), np.ones(7), {'c_Sex': 3})\n"
+        "m = build_regressor(32, 2, 0.5, 'relu', 0.1, True, table=table)\n"
         "m.compile(build_optimizer('adam', 1e-3, 0.0, 0.0, 'cosine', 0.9, 0.0,"
         " steps_per_epoch=2, epochs=2), loss='mse')\n"
-        "x = {'Sex': np.array([[0], [1], [2], [1]], 'int32')}\n"
-        "x.update({c: np.ones((4, 1), 'float32') for c in NUMERIC_COLUMNS})\n"
+        "x = {'c_Sex': np.array([[0], [1], [2], [1]], 'int32')}\n"
+        "x.update({c: np.ones((4, 1), 'float32') for c in table.numeric})\n"
         "h = m.fit(x, np.ones((4, 1), 'float32'), epochs=2, verbose=0)\n"
         "assert np.isfinite(h.history['loss']).all()\n"
         "print('jax ok')\n")

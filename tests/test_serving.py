@@ -1,5 +1,6 @@
-"""The registered model as users call it: rows checked by `model_inputs`, and a registered version
-served by the real `mlflow models serve` over HTTP."""
+"""The registered model of data=abalone as users call it: rows checked by `encode` with the
+Abalone table's spec (Sex one of M, F, I; measurements >= 0), and a registered version served by
+the real `mlflow models serve` over HTTP."""
 
 from __future__ import annotations
 
@@ -20,8 +21,13 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from abalone.serving import FEATURE_COLUMNS, LISTED_PROBLEMS, model_inputs
+from abalone import dataset
+from abalone.serving import LISTED_PROBLEMS, encode, input_name
 from conftest import TINY, free_port, run_cli, wait_for_http
+from test_data import abalone_cfg
+
+FEATURE_COLUMNS = ("Sex", "Length", "Diameter", "Height", "Whole_weight", "Shucked_weight",
+                   "Viscera_weight", "Shell_weight")
 
 MODEL = "abalone-tensorflow-model"
 GOOD = {"Sex": "F", "Length": 0.53, "Diameter": 0.42, "Height": 0.135, "Whole_weight": 0.677,
@@ -46,37 +52,49 @@ def rows_with(**bad) -> list[dict]:
     return [GOOD, changed, GOOD]
 
 
-# -- model_inputs on DataFrames ---------------------------------------------------------------
+# -- encode on DataFrames ---------------------------------------------------------------------
 
-def test_good_rows_map_to_the_keras_inputs():
+@pytest.fixture(scope="module")
+def spec(data_file):
+    """The spec data=abalone's runs save as table.json beside the model."""
+    return dataset.load(abalone_cfg(f"data.path={data_file}")).spec
+
+
+def model_inputs(frame: pd.DataFrame, spec: dict) -> dict:
+    return encode(frame, spec)[0]
+
+
+def test_good_rows_map_to_the_keras_inputs(spec):
     inputs = model_inputs(pd.DataFrame([GOOD, {**GOOD, "Sex": " M "}, {**GOOD, "Height": 0.0,
-                                                                       "Sex": "I"}]))
-    assert inputs["Sex"].tolist() == [[1], [0], [2]]
-    assert inputs["Height"].dtype == np.float32 and inputs["Height"].ravel()[2] == 0.0
-    assert set(inputs) == set(FEATURE_COLUMNS)
+                                                                       "Sex": "I"}]), spec)
+    assert inputs[input_name("Sex")].tolist() == [[1], [0], [2]]
+    height = inputs[input_name("Height")]
+    assert height.dtype == np.float32 and height.ravel()[2] == 0.0
+    assert set(inputs) == {input_name(c) for c in FEATURE_COLUMNS}
 
 
 @pytest.mark.parametrize("bad, words", [
     *BAD_VALUES,
     ({"Shell_weight": "heavy"}, f"row 1, column Shell_weight: 'heavy' {MEASUREMENT_ALLOWED}"),
 ], ids=lambda value: str(value) if isinstance(value, dict) else None)
-def test_a_bad_value_refuses_the_batch_naming_row_column_value_and_what_is_allowed(bad, words):
+def test_a_bad_value_refuses_the_batch_naming_row_column_value_and_what_is_allowed(bad, words,
+                                                                                  spec):
     with pytest.raises(MlflowException) as caught:
-        model_inputs(pd.DataFrame(rows_with(**bad)))
+        model_inputs(pd.DataFrame(rows_with(**bad)), spec)
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
     assert caught.value.get_http_status_code() == 400
     assert words in caught.value.message
     assert "1 of 3 rows" in caught.value.message
 
 
-def test_every_row_is_checked_and_the_message_stays_short():
+def test_every_row_is_checked_and_the_message_stays_short(spec):
     frame = pd.DataFrame([GOOD] * 30, index=range(100, 130))
     frame.loc[105, "Sex"] = "X"
     frame.loc[[110, 120, 129], "Length"] = -1.0
     frame.loc[129, "Height"] = math.inf
     frame.loc[111:125, "Diameter"] = math.nan  # 15 rows, 120 among them: 20 values, 18 rows
     with pytest.raises(MlflowException) as caught:
-        model_inputs(frame)
+        model_inputs(frame, spec)
     message = caught.value.message
     assert "18 of 30 rows have invalid values" in message
     # Row order, then column order; the index labels, not positions.
@@ -86,9 +104,9 @@ def test_every_row_is_checked_and_the_message_stays_short():
     assert message.endswith(f"; and {20 - LISTED_PROBLEMS} more")
 
 
-def test_missing_columns_are_named():
+def test_missing_columns_are_named(spec):
     with pytest.raises(MlflowException, match=r"missing the columns \['Height', 'Shell_weight'\]"):
-        model_inputs(pd.DataFrame([GOOD]).drop(columns=["Height", "Shell_weight"]))
+        model_inputs(pd.DataFrame([GOOD]).drop(columns=["Height", "Shell_weight"]), spec)
 
 
 # -- a registered version behind `mlflow models serve` ------------------------------------------

@@ -16,10 +16,10 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from sklearn import datasets
 
-from abalone import dataset, table
+from abalone import dataset, source
 from abalone.config import TableDataConfig
-from abalone.data import DataError
-from abalone.table_serving import encode, flag_name, input_name
+from abalone.serving import encode, flag_name, input_name
+from abalone.table import DataError
 
 ABALONE_COLUMNS = ["Sex", "Length", "Diameter", "Height", "Whole_weight", "Shucked_weight",
                    "Viscera_weight", "Shell_weight", "Rings"]
@@ -43,6 +43,12 @@ def tables(tmp_path_factory) -> dict[str, object]:
         frame.to_parquet(root / f"{name}.parquet")
         paths[name] = root
     return root
+
+
+@pytest.fixture(autouse=True)
+def fresh_sources(monkeypatch):
+    """Each test asks its servers afresh (a process asks a server once)."""
+    monkeypatch.setattr(source, "_FETCHED", {})
 
 
 def config(path, **keys):
@@ -89,18 +95,18 @@ def test_the_task_may_be_set(tables):
 
 
 def test_abalone_file_through_data_table_gives_the_abalone_splits(data_file):
+    from test_data import abalone_cfg
+
     cfg = config(data_file, format="csv", header=False, columns=ABALONE_COLUMNS, target="Rings")
-    ds, ours = dataset.load(cfg), dataset.load(OmegaConf.create(
-        {"path": str(data_file), "url": "", "sha256": "", "cache_dir": "", "test_fraction": 0.2,
-         "holdout_seed": 42, "val_fraction": 0.2, "split_seed": 0}))
+    ds, ours = dataset.load(cfg), dataset.load(abalone_cfg(f"data.path={data_file}"))
     assert ds.task == "regression" and ds.spec["categorical"] == ["Sex"]
     assert ds.spec["vocabulary"]["Sex"] == ["F", "I", "M"]
     for part in ("train", "val", "test"):
         ours_rows = getattr(ours.splits, part)
         np.testing.assert_array_equal(getattr(ds.splits, part)["Rings"].to_numpy(),
                                       ours_rows["Rings"].to_numpy())
-        # CSV rows are indexed by their line in the file.
-        assert (getattr(ds.splits, part).index.to_numpy() == ours_rows.index.to_numpy() + 1).all()
+        # CSV rows are indexed by their line in the file, in both.
+        assert (getattr(ds.splits, part).index.to_numpy() == ours_rows.index.to_numpy()).all()
 
 
 def write_csv(tmp_path, text: str):
@@ -114,7 +120,7 @@ def write_csv(tmp_path, text: str):
     ("a,b,y\n1,2,3\n", {"target": "y", "features": ["a", "c"]}, "['c'], which are not columns"),
     ("a,b,y\n1,2,x\n3,4,x\n", {"target": "y"}, "the target has one class, 'x', in all 2 rows"),
     ("a,b,y\n1,2,3.5\n1,2,oops\n", {"target": "y", "task": "regression"},
-     "line 3, column 3 (y): 'oops' is not a finite number"),
+     "line 3, column 3 (y): 'oops' is not a number"),
     ("a,b,y\n1,2,3.5\n1,,4.5\n", {"target": "y"},
      "line 3, column 2 (b): a missing value (1 in the column; data.missing=refuse"),
     ("a,b,y\n1,2,3.5\n1,2,\n", {"target": "y", "missing": "impute"},
@@ -210,8 +216,8 @@ def test_https_table_is_downloaded_once_and_checked(tmp_path):
         cfg = config(url, target="y", sha256=digest, cache_dir=str(tmp_path / "cache"))
         ds = dataset.load(cfg)
         assert ds.sha256 == digest and ds.path.parent == tmp_path / "cache"
-        with pytest.raises(DataError, match="but data.sha256 is 00"):
-            table.resolve(config(url, target="y", sha256="00" * 32,
+        with pytest.raises(DataError, match=f"downloaded from {url} has sha256 .*, expected 00"):
+            source.locate(config(url, target="y", sha256="00" * 32,
                                  cache_dir=str(tmp_path / "cache")))
         (root / "t.csv").unlink()  # the cached copy is used from now on
         assert dataset.load(cfg).path == ds.path
@@ -223,10 +229,10 @@ def test_relative_path_is_found_in_the_training_channel(tmp_path, monkeypatch):
     (tmp_path / "t.csv").write_text("a,y\n1,2\n")
     monkeypatch.setenv("SM_CHANNEL_TRAINING", str(tmp_path))
     monkeypatch.chdir(tmp_path.parent)
-    assert table.resolve(config("t.csv", target="y")) == tmp_path / "t.csv"
+    assert source.locate(config("t.csv", target="y")).path == tmp_path / "t.csv"
 
 
-def test_s3_table_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+def test_s3_table_is_revalidated_by_its_etag(tmp_path, monkeypatch):
     import boto3
     from moto import mock_aws
 
@@ -241,13 +247,24 @@ def test_s3_table_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
         s3.create_bucket(Bucket="tables")
         s3.put_object(Bucket="tables", Key="dir/t.csv", Body=b"a,y\n1,2\n")
         cfg = config("s3://tables/dir/t.csv", target="y", cache_dir=str(tmp_path))
-        path = table.resolve(cfg)
-        assert path.parent == tmp_path and path.name.endswith("-t.csv")
-        assert path.read_bytes() == b"a,y\n1,2\n"
+        first = source.locate(cfg)
+        assert first.path.parent == tmp_path and first.path.name.endswith("-t.csv")
+        assert first.path.read_bytes() == b"a,y\n1,2\n"
+        assert first.tags["dataset.check"] == "downloaded" and first.tags["dataset.etag"]
+        monkeypatch.setattr(source, "_FETCHED", {})  # as the next run, in a process of its own
+        assert source.locate(cfg).tags["dataset.check"] == "unchanged (S3 ETag)"
+        s3.put_object(Bucket="tables", Key="dir/t.csv", Body=b"a,y\n1,3\n")
+        monkeypatch.setattr(source, "_FETCHED", {})
+        changed = source.locate(cfg)
+        assert changed.path == first.path and changed.path.read_bytes() == b"a,y\n1,3\n"
+        assert changed.sha256 != first.sha256
+        assert changed.tags["dataset.check"] == "downloaded: it changed"
         s3.delete_object(Bucket="tables", Key="dir/t.csv")
-        assert table.resolve(cfg) == path  # from the cache
-        with pytest.raises(DataError, match=r"could not download data.path=s3://tables/gone.csv"):
-            table.resolve(config("s3://tables/gone.csv", target="y", cache_dir=str(tmp_path)))
+        monkeypatch.setattr(source, "_FETCHED", {})
+        with pytest.raises(DataError, match=r"could not download s3://tables/dir/t.csv: .*404"):
+            source.locate(cfg)  # gone from the bucket: not silently the old copy
+        with pytest.raises(DataError, match=r"could not download s3://tables/gone.csv"):
+            source.locate(config("s3://tables/gone.csv", target="y", cache_dir=str(tmp_path)))
 
 
 def test_a_table_without_rows_or_too_small_for_its_splits_is_refused(tmp_path):
@@ -256,3 +273,31 @@ def test_a_table_without_rows_or_too_small_for_its_splits_is_refused(tmp_path):
     rows = "".join(f"{i},{i + 0.5}\n" for i in range(5))
     with pytest.raises(DataError, match=r"cannot make the test split with data.test_fraction=0.99"):
         dataset.load(config(write_csv(tmp_path, "x,y\n" + rows), target="y", test_fraction=0.99))
+
+
+def test_whole_numbers_keep_their_type_and_are_checked_by_encode(tmp_path):
+    """A whole-number column stays int64 in the splits (the rows a served model is shown), is
+    declared Any in the signature (MLflow's long refuses a null, its double refuses int64), and
+    encode takes ints, floats and text numbers, refusing a null (data.missing=refuse) or text
+    by row and column."""
+    from abalone.tracking.registry import input_schema
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"year": rng.integers(2007, 2011, 40), "code": rng.integers(1, 4, 40),
+                          "size": rng.normal(size=40), "y": rng.normal(size=40)})
+    path = tmp_path / "t.csv"
+    frame.to_csv(path, index=False)
+    ds = dataset.load(config(path, target="y", categorical=["code"]))
+    assert str(ds.splits.test["year"].dtype) == "int64"
+    types = {c.name: c.to_dict()["type"] for c in input_schema(ds.splits.test[ds.columns]).inputs}
+    assert types == {"year": "any", "code": "any", "size": "double"}
+    rows = pd.DataFrame({"year": [2008, 2009.0, "2010"], "code": [2, 2.0, "2"],
+                         "size": [0.1, 0.2, 0.3]}, dtype=object)
+    inputs, _ = encode(rows, ds.spec)
+    assert inputs[input_name("year")].ravel().tolist() == [2008, 2009, 2010]
+    assert len(set(inputs[input_name("code")].ravel().tolist())) == 1  # one category: 2
+    rows.loc[1, "year"], rows.loc[2, "year"] = None, "MMX"
+    with pytest.raises(MlflowException) as info:
+        encode(rows, ds.spec)
+    assert "row 1, column year: null/NaN (allowed: a finite number)" in info.value.message
+    assert "row 2, column year: 'MMX' (allowed: a finite number)" in info.value.message

@@ -3,7 +3,13 @@ on scikit-learn's tables, the abalone file as a table, and a model builder of th
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,7 +21,6 @@ from abalone.config import ConfigError
 from conftest import TINY, run_cli
 from test_table import ABALONE_COLUMNS, frames
 
-MODEL = "abalone-tensorflow-model"
 
 
 def inputs_for(task: str, n_classes: int | None):
@@ -120,7 +125,10 @@ def test_a_table_run_is_tracked_registered_and_served_by_its_columns(
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
+    # A table's models register under its own name: the file's stem and the target.
+    (registered,) = client.search_registered_models()
+    assert registered.name == f"{name.split('.')[0]}-target"
+    model = mlflow.pyfunc.load_model(f"models:/{registered.name}/1")
     assert [c.name for c in model.metadata.signature.inputs] == [
         c for c in frames()[name.split(".")[0]].columns if c != "target"]
     rows = frames()[name.split(".")[0]].drop(columns="target").head(6)
@@ -272,36 +280,45 @@ def wine_with_regions(missing: bool) -> pd.DataFrame:
     return frame
 
 
+@contextlib.contextmanager
+def served(root, model_uri: str):
+    """`mlflow models serve` of `model_uri` from the SQLite store in `root`, on 127.0.0.1 (its
+    own process group: the command starts uvicorn as a child); yields the invocations URL."""
+    from conftest import free_port, wait_for_http
+
+    port, tracking_uri = free_port(), f"sqlite:///{root}/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    with open(root / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=root,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, "MLFLOW_TRACKING_URI": tracking_uri})
+    try:
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=240)
+        except RuntimeError as err:
+            pytest.fail(f"{err}\n" + (root / "serve.log").read_text()[-3000:])
+        yield f"http://127.0.0.1:{port}/invocations"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_a_table_model_served_over_http(tmp_path):
     """`mlflow models serve` of a table's model: labels, probabilities by param, an unknown
     category in its out-of-vocabulary slot, a refused value named by row and column (HTTP 400)."""
     import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from conftest import free_port, wait_for_http
     from test_serving import post
 
     wine_with_regions(False).to_csv(tmp_path / "wine.csv", index=False)
     done = run_cli([*TINY, "data=table", "data.path=wine.csv", "data.target=target"],
                    cwd=tmp_path, data=None)
     assert done.returncode == 0, done.stderr[-3000:]
-    port, tracking_uri = free_port(), f"sqlite:///{tmp_path}/mlflow.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}/1",
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**env, "MLFLOW_TRACKING_URI": tracking_uri})
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, timeout=240)
-        url = f"http://127.0.0.1:{port}/invocations"
+    with served(tmp_path, "models:/wine-target/1") as url:
         rows = wine_with_regions(False).drop(columns="target").head(3)
         rows.loc[rows.index[1], "region"] = "coastal"  # never seen in training
         body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
@@ -317,9 +334,64 @@ def test_a_table_model_served_over_http(tmp_path):
         status, text = post(url, body)
         assert status == 400, text
         assert f"row 2, column {rows.columns[2]}: null/NaN" in json.loads(text)["message"]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+
+
+def vintages() -> pd.DataFrame:
+    """The wine table with two whole-number columns (int64 in pandas): a year, and a region's
+    code listed in data.categorical."""
+    frame = frames()["wine"].copy()
+    rng = np.random.default_rng(0)
+    frame.insert(0, "year", rng.integers(2007, 2011, len(frame)))
+    frame.insert(1, "region", rng.integers(1, 4, len(frame)))
+    return frame
+
+
+@pytest.mark.slow
+def test_a_model_takes_its_own_files_rows_whole_numbers_included(tmp_path, monkeypatch):
+    """What pandas reads of the training file (CSV or Parquet: year and region int64) goes
+    through pyfunc and `mlflow models serve` JSON (2007 an integer); a null is imputed
+    (data.missing=impute), text in a number's column refused by row and column (HTTP 400)."""
+    import json
+
+    from test_serving import post
+
+    vintages().to_csv(tmp_path / "vintages.csv", index=False)
+    vintages().to_parquet(tmp_path / "vintages.parquet")
+    done = run_cli([*TINY, "data=table", "data.path=vintages.csv", "data.target=target",
+                    "data.categorical=[region]", "data.missing=impute"], cwd=tmp_path, data=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    model = mlflow.pyfunc.load_model("models:/vintages-target/1")
+    types = {c.name: c.to_dict()["type"] for c in model.metadata.signature.inputs.inputs}
+    assert types["year"] == types["region"] == "any" and types["alcohol"] == "double"
+    for rows in (pd.read_csv(tmp_path / "vintages.csv").head(5),
+                 pd.read_parquet(tmp_path / "vintages.parquet").head(5)):
+        assert str(rows["year"].dtype) == "int64"  # the target column too: it is ignored
+        assert len(model.predict(rows)) == 5
+    rows = pd.read_csv(tmp_path / "vintages.csv").head(5).drop(columns="target")
+    gap = rows.copy()
+    gap.loc[1, "year"] = None  # float64 with NaN, as pandas gives a gap: imputed
+    assert set(model.predict(gap)) <= {0, 1, 2}
+    typo = rows.astype({"year": object})
+    typo.loc[2, "year"] = "MMVII"
+    with pytest.raises(mlflow.exceptions.MlflowException,
+                       match=r"row 2, column year: 'MMVII' \(allowed: a finite number"):
+        model.predict(typo)
+
+    with served(tmp_path, "models:/vintages-target/1") as url:
+        body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+        assert body["dataframe_split"]["data"][0][0] in range(2007, 2011)  # an int in the JSON
+        status, text = post(url, body)
+        assert status == 200, text
+        assert json.loads(text)["predictions"] == list(model.predict(rows))
+        body["dataframe_split"]["data"][1][0] = None
+        status, text = post(url, body)
+        assert status == 200, text
+        body["dataframe_split"]["data"][2][0] = "MMVII"
+        status, text = post(url, body)
+        assert status == 400, text
+        assert "row 2, column year: 'MMVII'" in json.loads(text)["message"]
 
 
 @pytest.mark.slow
@@ -370,3 +442,83 @@ def test_the_champion_gate_of_a_classifier_is_its_test_log_loss(tmp_path, monkey
     assert "its test_log_loss 0.7000 does not beat champion version 1 (0.5000)" in said[1]
     assert "its test_log_loss 0.3000 beats version 1 (0.5000)" in said[2]
     assert str(client.get_model_version_by_alias("clf", "champion").version) == "3"
+
+
+def logged_version(table: str, task: str, loss: float, tags: bool = True):
+    """A run of `table` (a frame of frames(), its target `target`) with a stand-in model logged
+    with the table's signature, as the training run logs it; (run id, model URI, metrics, the
+    version tags a sweep's champion is registered with)."""
+    from abalone.tracking import registry
+
+    rows = frames()[table].drop(columns="target").head(5)
+    schema = registry.input_schema(rows)
+    with mlflow.start_run() as run:
+        mlflow.log_param("data.target", "target")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=Constant(), input_example=rows,
+            signature=mlflow.models.ModelSignature(schema))
+    metric = "test_log_loss" if task == "classification" else "test_rmse"
+    identity = registry.identity("target", task, schema) if tags else {}
+    return run.info.run_id, info.model_uri, {metric: loss}, identity
+
+
+@pytest.mark.slow  # logging a pyfunc model starts a Python process (its environment)
+def test_each_table_keeps_its_own_champion(tmp_path, monkeypatch, table_dir):
+    """Two tables in one store: each name's champion is only ever compared with models of its
+    own table; a version of another table is refused before anything is registered, by a sweep's
+    gate, by a single run (before it trains: exit 1, one error line, no run), and by a name whose
+    @champion was set before this rule (with how to move the alias)."""
+    from abalone.tracking.registry import RegistryError
+    from abalone.tracking.sweep_runs import register_champion
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    try:
+        said = [register_champion(client, name, *logged_version(table, task, loss))
+                for name, table, task, loss in (
+                    ("wine-target", "wine", "classification", 0.5),
+                    ("diabetes-target", "diabetes", "regression", 60.0),
+                    ("wine-target", "wine", "classification", 0.4),
+                    ("diabetes-target", "diabetes", "regression", 70.0))]
+        assert all("there was no champion" in m for m in said[:2])
+        assert "its test_log_loss 0.4000 beats version 1 (0.5000)" in said[2]
+        assert "its test_rmse 70.0000 does not beat champion version 1 (60.0000)" in said[3]
+        # The diabetes regressor's 0.1 would "beat" the classifier's log loss: never compared.
+        with pytest.raises(RegistryError, match=r"wine-target' holds models of another table: "
+                                                r"its @champion version 2 has target .*task "
+                                                r"'classification' \(this run: 'regression'\); "
+                                                r"inputs 'alcohol:double"):
+            register_champion(client, "wine-target", *logged_version("diabetes", "regression",
+                                                                     0.1))
+        assert len(client.search_model_versions("name = 'wine-target'")) == 2
+        assert client.get_model_version_by_alias("wine-target", "champion").version == "2"
+
+        # A store made before the rule: versions without the tags, @champion on another table.
+        run_id, model_uri, metrics, _ = logged_version("cancer", "classification", 0.2, tags=False)
+        client.create_registered_model("old-name")
+        old = client.create_model_version("old-name", model_uri, run_id,
+                                          tags={"test_log_loss": "0.2000"})
+        client.set_registered_model_alias("old-name", "champion", old.version)
+        with pytest.raises(RegistryError) as refused:
+            register_champion(client, "old-name", *logged_version("wine", "classification", 0.1))
+        assert "its @champion version 1 has inputs 'mean radius:double" in str(refused.value)
+        assert ("move it to a version of this table with MlflowClient().set_registered_model_"
+                "alias('old-name', 'champion', VERSION)") in str(refused.value)
+        assert len(client.search_model_versions("name = 'old-name'")) == 1
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    for args in ([*TINY], ["-m", "sweep=quick", "hydra.sweeper.n_trials=1", "trainer.epochs=1"]):
+        done = run_cli([*args, "data=table", f"data.path={table_dir / 'diabetes.csv'}",
+                        "data.target=target", "tracking.registered_model=wine-target"],
+                       cwd=tmp_path, data=None)
+        assert done.returncode == 1, done.stderr[-3000:]
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "wine-target' holds models of another table" in errors[0]
+        assert "Traceback" not in done.stderr
+    experiment = client.get_experiment_by_name("abalone-tensorflow-experiment")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])  # no run
+    assert len(client.search_model_versions("name = 'wine-target'")) == 2

@@ -51,7 +51,7 @@ def assert_complete_run(tracking_uri: str, data_file, params: dict[str, str], mo
     assert {"model.depth", "model.dropout", "data.split_seed", "trainer.batch_size",
             "tracking.uri", "tracking.registered_model"} <= set(run.data.params)
     assert run.data.params["tracking.experiment"] == EXPERIMENT
-    from abalone.config import UCI_SHA256
+    from test_data import UCI_SHA256
 
     assert run.data.tags["dataset.sha256"] == UCI_SHA256
     assert run.data.tags["keras.backend"] == "tensorflow"
@@ -95,15 +95,16 @@ def test_run_is_tracked_in_local_sqlite(tmp_path, data_file, monkeypatch):
     # The saved model's normalisation was fit on the training rows only, not all rows.
     import keras
 
-    from abalone import data
-    from abalone.config import DataConfig
-    from omegaconf import OmegaConf
+    from abalone import dataset
+    from test_data import COLUMNS, abalone_cfg
 
     (keras_file,) = (tmp_path / "outputs").glob("*/*/model.keras")
     mean = np.ravel(keras.saving.load_model(keras_file).get_layer("normalise").mean)
-    splits = data.split(data.load(data_file), OmegaConf.structured(DataConfig))
-    train_mean = splits.train[list(data.NUMERIC_COLUMNS)].to_numpy("float64").mean(axis=0)
-    all_mean = data.load(data_file)[list(data.NUMERIC_COLUMNS)].to_numpy("float64").mean(axis=0)
+    splits = dataset.load(abalone_cfg(f"data.path={data_file}")).splits
+    measurements = COLUMNS[1:8]
+    train_mean = splits.train[measurements].to_numpy("float64").mean(axis=0)
+    all_mean = pd.read_csv(data_file, header=None, names=COLUMNS)[measurements].to_numpy(
+        "float64").mean(axis=0)
     np.testing.assert_allclose(mean, train_mean, rtol=1e-5)
     assert not np.allclose(mean, all_mean, rtol=1e-5)
 

@@ -94,7 +94,8 @@ class Sweep:
         base = self.hydra_context.config_loader.load_sweep_config(self.config,
                                                                   list(self.plan.fixed))
         check_ranges(base)
-        dataset.load(base.data)  # a bad table fails before any trial, naming where
+        ds = dataset.load(base.data)  # a bad table fails before any trial, naming where
+        base.tracking.registered_model = base.tracking.registered_model or ds.model_name
         self.tracking_cfg = base.tracking
         # Before the study and the parent run: a launcher we cannot drive is refused first.
         self.launcher_kind = launchers.check_launcher(self.launcher, self.config.hydra.launcher,
@@ -119,6 +120,8 @@ class Sweep:
                                           len(self.plan.metrics))
         if self.tracking_cfg.enabled:
             self.experiment_id = tracking.connect(self.tracking_cfg)
+            if self.tracking_cfg.register and not self.is_worker:  # before any run exists
+                tracking.check_name(self.tracking_cfg.registered_model, ds)
             import mlflow
 
             self.client = mlflow.MlflowClient()

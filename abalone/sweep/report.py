@@ -15,6 +15,7 @@ from abalone.sweep import objectives, slots
 from abalone.sweep.lock import study_lock
 from abalone.sweep.space import WARM_START_OF
 from abalone.tracking import sweep_runs, where_to_look
+from abalone.tracking.registry import IDENTITY
 from abalone.trial import BEST_OBJECTIVE
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,9 @@ def finish(sweep) -> None:
             message = sweep_runs.register_champion(
                 client, sweep.tracking_cfg.registered_model, run_id,
                 champion.user_attrs["mlflow_model_uri"], metrics,
-                tags={"sweep": str(plan.settings.sweep_name), "study": plan.study_name,
+                tags={**{k: champion_run.data.tags[k] for k in IDENTITY
+                         if k in champion_run.data.tags},
+                      "sweep": str(plan.settings.sweep_name), "study": plan.study_name,
                       "trial": str(champion.number),
                       "objective": ", ".join(f"{v:.4g}" for v in champion.values),
                       "objective_metric": plan.metric_label})

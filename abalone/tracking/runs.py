@@ -130,13 +130,15 @@ def _git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def run_tags(data_path: Path, data_sha256: str) -> dict[str, str]:
+def run_tags(data_tags: dict[str, str]) -> dict[str, str]:
+    """Provenance: the data's tags (dataset.path, dataset.sha256, where a remote file came from
+    and how it was checked; the table's target, task and inputs), Keras, its backend, MLflow,
+    the code's git commit."""
     import keras
 
     backend = keras.backend.backend()
     tags = {
-        "dataset.path": str(data_path),
-        "dataset.sha256": data_sha256,
+        **data_tags,
         "keras.backend": backend,
         "keras.version": keras.__version__,
         "mlflow.version": mlflow.__version__,
@@ -178,30 +180,27 @@ def model_requirements() -> list[str]:
     return pins
 
 
-def log_model(keras_path: Path, rows, predicted, spec_path: Path | None = None) -> str:
-    """Log the pyfunc model around the saved Keras model: abalone/serving.py, or with a table's
-    `spec_path` (table.json) abalone/table_serving.py; return its URI. The signature and input
-    example are the raw columns of `rows`."""
+def log_model(keras_path: Path, rows, predicted, spec_path: Path) -> str:
+    """Log the pyfunc model (abalone/serving.py) around the saved Keras model and the table's
+    spec (`spec_path`, table.json); return its URI. The signature's inputs and the input example
+    are the raw columns of `rows` (registry.input_schema: whole-number columns as Any)."""
     import json
 
-    from abalone import serving, table_serving
+    from abalone import serving
+    from abalone.tracking.registry import input_schema
 
     sample = rows.head(5).reset_index(drop=True)
-    artifacts = {serving.KERAS_MODEL_ARTIFACT: str(keras_path)}
-    if spec_path is None:
-        code, output, params = serving.__file__, predicted[:5].reshape(-1), None
-    else:
-        spec = json.loads(spec_path.read_text())
-        # Numbers as doubles: an integer column in the signature would refuse a null later.
-        sample = sample.astype({c: "float64" for c in spec["numeric"]})
-        code, params = table_serving.__file__, {"probabilities": False}
-        output = table_serving.answer(predicted[:5], spec, False)
-        if spec["task"] != table_serving.REGRESSION:
-            output = output.tolist()  # labels of any type
-        artifacts[table_serving.SPEC_ARTIFACT] = str(spec_path)
+    spec = json.loads(spec_path.read_text())
+    output, params = serving.answer(predicted[:5], spec, False), None
+    if spec["task"] != serving.REGRESSION:
+        output, params = output.tolist(), {"probabilities": False}  # labels of any type
+    inferred = mlflow.models.infer_signature(sample, output, params=params)
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=code, artifacts=artifacts,
-        signature=mlflow.models.infer_signature(sample, output, params=params),
+        name="model", python_model=serving.__file__,
+        artifacts={serving.KERAS_MODEL_ARTIFACT: str(keras_path),
+                   serving.SPEC_ARTIFACT: str(spec_path)},
+        signature=mlflow.models.ModelSignature(input_schema(rows), inferred.outputs,
+                                               inferred.params),
         input_example=sample, pip_requirements=model_requirements())
     return info.model_uri
 
@@ -209,15 +208,19 @@ def log_model(keras_path: Path, rows, predicted, spec_path: Path | None = None) 
 _DATASET_INPUTS: dict[tuple, list] = {}  # a sweep's trials log the same rows: infer once
 
 
-def log_datasets(splits, source: Path, sha256: str, target: str) -> None:
+def log_datasets(splits, source: str | Path, sha256: str, target: str) -> None:
     """MLflow's dataset tracking: the training, validation and test rows as the run's inputs
-    (source, digest, schema, row counts), shown in the UI's Datasets column."""
+    (source: the file's path or its URL without credentials; digest, schema, row counts), shown
+    in the UI's Datasets column."""
     import warnings
+    from pathlib import PurePosixPath
+    from urllib.parse import urlsplit
 
     import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
     parts = (("training", splits.train), ("validation", splits.val), ("test", splits.test))
+    file_name = PurePosixPath(urlsplit(str(source)).path).name
     key = (str(source), sha256, target,
            *(int(pd.util.hash_pandas_object(frame).sum()) for _, frame in parts))
     if key not in _DATASET_INPUTS:
@@ -227,7 +230,7 @@ def log_datasets(splits, source: Path, sha256: str, target: str) -> None:
                 warnings.simplefilter("ignore")  # MLflow's note on integer columns without nulls
                 dataset = mlflow.data.from_pandas(frame.reset_index(drop=True),
                                                   source=str(source), targets=target,
-                                                  name=f"{source.name}:{context}")
+                                                  name=f"{file_name}:{context}")
                 entity = dataset._to_mlflow_entity()  # the schema is inferred here
             inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context),
                                                      InputTag("file.sha256", sha256)]))
@@ -254,6 +257,16 @@ def register(model_uri: str, name: str, run_id: str, metrics: dict[str, float],
 
     version_tags = {**{k: f"{v:.4f}" for k, v in metrics.items()}, **(tags or {})}
     return once.register_version(model_uri, name, run_id, version_tags)
+
+
+def register_checked(model_uri: str, name: str, run_id: str, metrics: dict[str, float], ds):
+    """A single run's registration: the name checked again (the store may have changed while
+    the run trained), the version tagged with its table's identity (abalone/tracking/registry.py)."""
+    from abalone.tracking import registry
+
+    wanted = registry.table_identity(ds)
+    registry.check(mlflow.MlflowClient(), name, wanted)
+    return register(model_uri, name, run_id, metrics, wanted)
 
 
 def runs_table_url(host: str, experiment_id: str, search_filter: str | None = None) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlflow
 
-from abalone.tracking import once
+from abalone.tracking import once, registry
 from abalone.tracking.runs import register
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,13 @@ def register_champion(client, name: str, run_id: str, model_uri: str,
                       metrics: dict[str, float], tags: dict[str, str]) -> str:
     """Register the run's model (once) and give it the `champion` alias only if its task's
     primary held-out metric (test_rmse; test_log_loss when classifying; both lower is better)
-    beats the current champion's; return what was done and why."""
+    beats the current champion's; return what was done and why. A name whose latest version or
+    champion is a model of another table (`tags`' target, task and inputs) is refused first
+    (registry.RegistryError): versions of other tables are never compared."""
     gate = "test_log_loss" if "test_log_loss" in metrics else "test_rmse"
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not existing:
+        registry.check(client, name, {k: tags.get(k) for k in registry.IDENTITY})
     version = existing[0] if existing else register(model_uri, name, run_id, metrics, tags)
     what = f"{name} version {version.version} (run {run_id})"
     what = ("already registered: " if existing else "registered ") + what
