@@ -1,5 +1,6 @@
-"""Keras callbacks: our MLflow logger, the terminal's one line per epoch, and the checks that
-stop training (divergence, a sweep's Ctrl-C).
+"""Keras callbacks: our MLflow logger, the terminal's one line per epoch, the epoch whose weights
+a run keeps (and early stopping on the same value), and the checks that stop training
+(divergence, a sweep's Ctrl-C).
 
 `MlflowLogger` sends epochs' metrics in batched requests (the AWS sample sends one blocking
 request per metric) from a background thread, so training never waits on the network: at most one
@@ -10,9 +11,10 @@ flight. (MLflow's own asynchronous logging costs most of a second to shut down a
 While the tracking server is away (`abalone.tracking.ServerOutage` holds the request), training
 goes on and its epochs wait in the queue, in order, each with its own step and the time it ended;
 they go out in the first request after the server is back.
-A scheduled learning rate is evaluated on the sender thread too, for all epochs of a request at
-once: a Keras schedule costs about a millisecond of eager ops per call, several percent of an epoch
-of the default model if evaluated every epoch.
+The learning rate comes from the configuration (`abalone.model.LearningRate`, a NumPy formula);
+for an optimizer the configuration does not describe, a scheduled rate is evaluated on the sender
+thread, for all epochs of a request at once: a Keras schedule costs about a millisecond of eager
+ops per call, several percent of an epoch of the default model if evaluated every epoch.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ import math
 import queue
 import threading
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import keras
 import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from abalone.config import AbaloneError
+from abalone.config import AbaloneError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,13 @@ class MlflowLogger(keras.callbacks.Callback):
     epoch_duration (seconds), at step = epoch number (from 1). At the end: total_training_time.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, interval: float = 1.0):
+    def __init__(self, client: MlflowClient, run_id: str, interval: float = 1.0,
+                 learning_rate: Callable[[int], float] | None = None):
         super().__init__()
         self.client = client
         self.run_id = run_id
         self.interval = interval
+        self.learning_rate = learning_rate  # after an epoch (from 0), from the configuration
         self._sender: threading.Thread | None = None
 
     def on_train_begin(self, logs=None):
@@ -80,7 +84,9 @@ class MlflowLogger(keras.callbacks.Callback):
         values["epoch_duration"] = time.perf_counter() - self._epoch_start
         optimizer = self.model.optimizer
         iterations = None
-        if self._schedule is None:  # a variable: reading it costs microseconds
+        if self.learning_rate is not None:
+            values["learning_rate"] = self.learning_rate(epoch)
+        elif self._schedule is None:  # a variable: reading it costs microseconds
             values["learning_rate"] = current_learning_rate(optimizer)
         else:
             iterations = int(optimizer.iterations)
@@ -187,9 +193,10 @@ class EpochPrinter(keras.callbacks.Callback):
 
     KEYS = ("loss", "val_loss", "rmse", "val_rmse", "mae", "val_mae")
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: int, learning_rate: Callable[[int], float] | None = None):
         super().__init__()
         self.epochs = epochs
+        self.learning_rate = learning_rate  # after an epoch (from 0), from the configuration
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -197,6 +204,63 @@ class EpochPrinter(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         figures = "  ".join(f"{k} {logs[k]:.4f}" for k in self.KEYS if k in logs)
+        rate = (self.learning_rate(epoch) if self.learning_rate is not None
+                else current_learning_rate(self.model.optimizer))
         log.info("epoch %*d/%d  %s  lr %.2e  %.2fs", len(str(self.epochs)), epoch + 1,
-                 self.epochs, figures, current_learning_rate(self.model.optimizer),
-                 time.perf_counter() - self._start)
+                 self.epochs, figures, rate, time.perf_counter() - self._start)
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """The epoch whose weights a run keeps: with `keep_best` the one with the best `monitor`
+    value (the lowest; the highest with `maximize`), else the last. With `patience`, training
+    stops after that many epochs without a better value (early stopping on the same value).
+
+    It saves the weights (and the optimizer's state) as the value improves and puts them back
+    when training ends; the shared program (abalone.mlp_program) keeps a snapshot in its own
+    variables instead and sets `saves_weights` False."""
+
+    def __init__(self, monitor: str, maximize: bool = False, patience: int = 0,
+                 keep_best: bool = True):
+        super().__init__()
+        self.monitor, self.maximize = monitor, maximize
+        self.patience, self.keep_best = patience, keep_best
+        self.saves_weights = True
+
+    def on_train_begin(self, logs=None):
+        self.best = self.best_epoch = self.last_epoch = None
+        self.wait = 0
+        self.saved: tuple | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.last_epoch = epoch
+        logs = logs or {}
+        if self.monitor not in logs:
+            raise ConfigError(f"{self.monitor}, which chooses the epoch a run keeps, is not "
+                              f"logged per epoch; use one of "
+                              f"{sorted(k for k in logs if k.startswith('val_'))}")
+        value = float(logs[self.monitor])
+        if math.isfinite(value) and (self.best is None or (
+                value > self.best if self.maximize else value < self.best)):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.keep_best and self.saves_weights:
+                self.saved = (self.model.get_weights(),
+                              [v.numpy() for v in self.model.optimizer.variables])
+            return
+        self.wait += 1
+        if self.patience and self.wait >= self.patience:
+            self.model.stop_training = True
+
+    @property
+    def kept_epoch(self) -> int | None:
+        """The epoch (from 0) whose weights the model holds once training has ended."""
+        if self.keep_best and self.best_epoch is not None:
+            return self.best_epoch
+        return self.last_epoch
+
+    def on_train_end(self, logs=None):
+        if self.saved is not None and self.kept_epoch != self.last_epoch:
+            weights, optimizer_state = self.saved
+            self.model.set_weights(weights)
+            for variable, value in zip(self.model.optimizer.variables, optimizer_state):
+                variable.assign(value)
+        self.saved = None

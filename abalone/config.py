@@ -34,6 +34,11 @@ class FitPath(str, Enum):
     keras = "keras"
 
 
+class Keep(str, Enum):
+    best = "best"  # the epoch with the best validation value (a sweep's metric, else val_loss)
+    last = "last"
+
+
 class OptimizerName(str, Enum):
     adam = "adam"
     adamw = "adamw"
@@ -123,7 +128,11 @@ class TableDataConfig:
 class TrainerConfig:
     epochs: int = 100
     batch_size: int = 32
-    patience: int = 10  # early stopping on val_loss; 0 turns it off
+    # Early stopping after this many epochs without a better value of what `keep` watches; 0: off.
+    patience: int = 10
+    # The epoch whose weights are kept, evaluated, logged and registered: best, by val_loss (in a
+    # sweep by its first metric, in its direction), or last.
+    keep: Keep = Keep.best
     seed: int = 42
     verbose: int = 1  # 0: summary only, 1: one line per epoch
     steps_per_execution: int = 0  # training steps per call into the compiled function; 0: an epoch

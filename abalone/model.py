@@ -171,17 +171,63 @@ class MacroF1(keras.metrics.Metric):
         return {**super().get_config(), "n_classes": self.n_classes}
 
 
+@dataclass(frozen=True)
+class LearningRate:
+    """The learning rate `build_optimizer`'s settings give at each optimizer step, read from the
+    configuration by what needs it (the shared program, the epoch logger and printer) rather
+    than back out of Keras's objects."""
+
+    initial: float
+    schedule: Schedule
+    steps_per_epoch: int
+    epochs: int
+    decay_rate: float = 0.95  # exponential: factor per epoch
+    final_fraction: float = 0.0  # cosine: the rate at the end, as a fraction of `initial`
+
+    @classmethod
+    def of(cls, optimizer_cfg, steps_per_epoch: int, epochs: int) -> LearningRate | None:
+        """From conf/optimizer's settings; None for an optimizer built by a builder of one's
+        own, which may schedule its rate otherwise."""
+        if optimizer_cfg.get("_target_") != f"{__name__}.build_optimizer":
+            return None
+        return cls(float(optimizer_cfg.lr), Schedule(optimizer_cfg.schedule), steps_per_epoch,
+                   epochs, float(optimizer_cfg.decay_rate), float(optimizer_cfg.final_lr_fraction))
+
+    @property
+    def decay_steps(self) -> int:
+        return self.steps_per_epoch * (self.epochs if self.schedule is Schedule.cosine else 1)
+
+    def keras(self):
+        """The rate as Keras's optimizers take it: a float or a schedule."""
+        if self.schedule is Schedule.cosine:
+            return keras.optimizers.schedules.CosineDecay(
+                self.initial, decay_steps=self.decay_steps, alpha=self.final_fraction)
+        if self.schedule is Schedule.exponential:
+            return keras.optimizers.schedules.ExponentialDecay(
+                self.initial, decay_steps=self.decay_steps, decay_rate=self.decay_rate)
+        return self.initial
+
+    def at(self, steps) -> np.ndarray:
+        """The rate at each optimizer step in `steps` (Keras's schedules' formulas)."""
+        step = np.asarray(steps, dtype=np.float64)
+        if self.schedule is Schedule.cosine:
+            cosine = 0.5 * (1 + np.cos(np.pi * np.minimum(step, self.decay_steps)
+                                       / self.decay_steps))
+            return self.initial * ((1 - self.final_fraction) * cosine + self.final_fraction)
+        if self.schedule is Schedule.exponential:
+            return self.initial * self.decay_rate ** (step / self.decay_steps)
+        return np.full_like(step, self.initial)
+
+    def after_epoch(self, epoch: int) -> float:
+        """The rate the optimizer uses next once epoch `epoch` (from 0) has ended."""
+        return float(self.at((epoch + 1) * self.steps_per_epoch))
+
+
 def build_optimizer(name: str, lr: float, weight_decay: float, momentum: float, schedule: str,
                     decay_rate: float, final_lr_fraction: float, *, steps_per_epoch: int,
                     epochs: int) -> keras.optimizers.Optimizer:
-    if Schedule(schedule) is Schedule.cosine:
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            lr, decay_steps=steps_per_epoch * epochs, alpha=final_lr_fraction)
-    elif Schedule(schedule) is Schedule.exponential:
-        learning_rate = keras.optimizers.schedules.ExponentialDecay(
-            lr, decay_steps=steps_per_epoch, decay_rate=decay_rate)
-    else:
-        learning_rate = lr
+    learning_rate = LearningRate(lr, Schedule(schedule), steps_per_epoch, epochs, decay_rate,
+                                 final_lr_fraction).keras()
     # Keras multiplies by a weight decay of 0.0 on every step; None skips that work.
     decay = weight_decay or None
     name = OptimizerName(name)

@@ -11,14 +11,10 @@ pruner, records the trial's state and objective, and logs its model only when th
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import logging
 import math
-import os
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +28,7 @@ from omegaconf import DictConfig
 
 from abalone import aws, data, dataset, evaluate, interrupts, outputs, tracking
 from abalone.config import ConfigError, check_ranges
+from abalone.keras_setup import import_keras, seed_randomness
 from abalone.redact import redact
 from abalone.trial import OBJECTIVE, TrialContext, kept_value
 
@@ -73,55 +70,13 @@ class Prepared:
     keras: object
     experiment_id: str | None  # None: tracking.enabled=false
     mlp_plan: object = None  # trainer.fit_path=shared, when it can: an mlp_program.MlpPlan
+    # The configuration's learning rate (abalone.model.LearningRate), None for an optimizer of
+    # a builder of one's own.
+    learning_rate: object = None
 
 
-@contextlib.contextmanager
-def _native_stderr_captured():
-    """Hold back what native code writes to stderr (TensorFlow's absl lines, which ignore
-    TF_CPP_MIN_LOG_LEVEL before absl is initialised); replay it if the block fails."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def import_keras():
-    """Import Keras (and its backend) and initialise the backend's devices, quietly."""
-    with _native_stderr_captured():
-        import keras
-
-        keras.ops.convert_to_numpy(keras.ops.zeros(1))
-    return keras
-
-
-def seed_randomness(seed: int, keras) -> None:
-    """`keras.utils.set_random_seed`, except that TensorFlow's global seed is left alone when it
-    already has this value: setting it clears TensorFlow's caches of instantiated functions,
-    which costs the next call of every compiled function ~0.7 s (a sweep's trials keep theirs,
-    abalone/mlp_program.py). Keras draws its initializers' seeds from Python's `random`."""
-    if keras.backend.backend() != "tensorflow":
-        keras.utils.set_random_seed(seed)
-        return
-    import random
-
-    import numpy as np
-    import tensorflow as tf
-    from tensorflow.python.eager import context
-
-    random.seed(seed)
-    np.random.seed(seed)
-    if context.global_seed() != seed:
-        tf.random.set_seed(seed)
+def steps_in_epoch(cfg: DictConfig, ds: dataset.Dataset) -> int:
+    return -(-len(ds.splits.train) // cfg.trainer.batch_size)
 
 
 def build_model(cfg: DictConfig, ds: dataset.Dataset, keras):
@@ -139,7 +94,7 @@ def build_model(cfg: DictConfig, ds: dataset.Dataset, keras):
         raise ConfigError(f"config group model: cannot import the builder {builder}: {err}"
                           ) from err
     check_built(model, builder, ds.table)
-    steps_per_epoch = -(-len(ds.splits.train) // cfg.trainer.batch_size)
+    steps_per_epoch = steps_in_epoch(cfg, ds)
     optimizer = instantiate(cfg.optimizer, steps_per_epoch=steps_per_epoch,
                             epochs=cfg.trainer.epochs)
     # One call into the compiled step function per epoch: Python round trips, not arithmetic,
@@ -184,39 +139,42 @@ def prepare(cfg: DictConfig) -> Prepared:
     seed_randomness(cfg.trainer.seed, keras)
     parts = {"train": ds.splits.train, "val": ds.splits.val, "test": ds.splits.test}
     model = build_model(cfg, ds, keras)
+    from abalone.model import LearningRate
+
+    rate = LearningRate.of(cfg.optimizer, steps_in_epoch(cfg, ds), cfg.trainer.epochs)
     mlp_plan = None
     if cfg.trainer.fit_path == "shared" and not cfg.trainer.steps_per_execution:
         from abalone import mlp_program  # TensorFlow: only after import_keras, quietly
 
-        mlp_plan, why_not = mlp_program.plan(model)
+        mlp_plan, why_not = mlp_program.plan(model, rate, cfg.optimizer.weight_decay, ds.task)
         if mlp_plan is None and why_not not in _FIT_PATH_REFUSALS:
             _FIT_PATH_REFUSALS.add(why_not)
             log.info("trainer.fit_path=shared cannot train this model (%s): using model.fit",
                      why_not)
     return Prepared(ds, {k: ds.inputs(f, k) for k, f in parts.items()},
                     {k: ds.targets(f) for k, f in parts.items()}, model, keras, experiment_id,
-                    mlp_plan)
+                    mlp_plan, rate)
 
 
 def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
-        trial: TrialContext | None) -> tuple[int, float]:
-    """Train with the run's callbacks; return (the epoch whose weights are kept, from 0, and
-    the seconds fit took)."""
+        trial: TrialContext | None):
+    """Train with the run's callbacks; return (the `BestEpoch` that chose the epoch whose
+    weights the model holds, and the seconds fit took)."""
     # Keras's callbacks import Keras: only after import_keras has initialised it quietly.
-    from abalone.callbacks import EpochPrinter, MlflowLogger, RaiseOnDivergence, RaiseOnInterrupt
+    from abalone.callbacks import (BestEpoch, EpochPrinter, MlflowLogger, RaiseOnDivergence,
+                                   RaiseOnInterrupt)
 
     t, keras = cfg.trainer, ready.keras
-    # History first, so it holds the epoch a pruner stops at too: a stopped run still plots it.
-    callbacks: list = [history]
-    early_stopping = None
-    if t.patience:
-        early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience,
-                                                       restore_best_weights=True)
-        callbacks.append(early_stopping)
+    rate = ready.learning_rate.after_epoch if ready.learning_rate else None
+    # The epoch kept and early stopping watch the sweep's metric in its direction, else
+    # val_loss. History first, so it holds the epoch a pruner stops at too.
+    chooser = (BestEpoch(trial.metric, trial.maximize, t.patience, t.keep == "best") if trial
+               else BestEpoch("val_loss", False, t.patience, t.keep == "best"))
+    callbacks: list = [history, chooser]
     if t.verbose:
-        callbacks.append(EpochPrinter(t.epochs))
+        callbacks.append(EpochPrinter(t.epochs, rate))
     if run.run_id:
-        run.logger = MlflowLogger(run.client, run.run_id)
+        run.logger = MlflowLogger(run.client, run.run_id, learning_rate=rate)
         callbacks.append(run.logger)
     callbacks.append(RaiseOnDivergence())
     # Last, so the epoch is logged before a prune or Ctrl-C stops training.
@@ -236,16 +194,16 @@ def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
         ready.model.fit(**data.fit_arguments(train, val, t.batch_size, t.seed,
                                              keras.backend.backend()),
                         epochs=t.epochs, verbose=0, callbacks=callbacks)
-    seconds = time.perf_counter() - start
-    restored = early_stopping is not None and early_stopping.best_weights is not None
-    return (early_stopping.best_epoch if restored else len(history.history["loss"]) - 1), seconds
+    return chooser, time.perf_counter() - start
 
 
-def evaluate_run(ready: Prepared, history: dict, kept: int, fit_seconds: float,
+def evaluate_run(ready: Prepared, history: dict, chooser, fit_seconds: float,
                  run: tracking.TrackedRun, trial: TrialContext | None):
-    """Held-out metrics and model properties; in a sweep, each value the trial is measured by
+    """Held-out metrics and model properties of the weights kept (`chooser`: fit's
+    `BestEpoch`), and the epochs kept and best; in a sweep, each value the trial is measured by
     and whether it logs its model. Returns (the result, the test predictions)."""
     keras, model = ready.keras, ready.model
+    kept = chooser.kept_epoch
     # A direct call: model.predict would trace yet another function for a single batch.
     predicted = keras.ops.convert_to_numpy(model(ready.x["test"], training=False))
     task, classes = ready.data.task, (ready.data.spec or {}).get("classes")
@@ -254,6 +212,10 @@ def evaluate_run(ready: Prepared, history: dict, kept: int, fit_seconds: float,
         task, ready.y["val"], keras.ops.convert_to_numpy(model(ready.x["val"], training=False)),
         "best_val", classes))
     metrics.update(model_properties(model, ready.x["test"], keras))
+    # From 1, as the per-epoch metrics' steps; best: by the value the kept epoch is chosen on.
+    metrics["kept_epoch"] = kept + 1
+    if chooser.best_epoch is not None:
+        metrics["best_epoch"] = chooser.best_epoch + 1
     result = RunResult(run.run_id, ready.experiment_id, metrics, len(history["loss"]),
                        fit_seconds)
     if trial:
@@ -386,8 +348,8 @@ def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None =
             if run.run_id:
                 tracking.log_datasets(ready.data.splits, ready.data.source, ready.data.sha256,
                                       ready.data.target)
-            kept, fit_seconds = fit(cfg, ready, run, history, trial)
-            result, predicted = evaluate_run(ready, history.history, kept, fit_seconds, run,
+            chooser, fit_seconds = fit(cfg, ready, run, history, trial)
+            result, predicted = evaluate_run(ready, history.history, chooser, fit_seconds, run,
                                              trial)
             record(cfg, ready, history.history, result, predicted, output_dir, run, trial)
     except BaseException as err:

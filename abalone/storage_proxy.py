@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import optuna
 
 from abalone.redact import redact
+from abalone.sweep.lock import quiet_marker_studies
 from abalone.sweep.storage import make_storage
 
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
                      "serves an SQLAlchemy URL such as postgresql+psycopg2://USER@HOST/DB")
     # get_storage adds Optuna's cache of finished trials, so the proxy reads each trial once.
     storage = optuna.storages.get_storage(make_storage(args.database))
+    quiet_marker_studies()  # its clients' locks are marker studies (abalone/sweep/lock.py)
     print(f"Optuna storage proxy for {redact(args.database)} on grpc://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
     try:

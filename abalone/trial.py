@@ -46,6 +46,11 @@ class TrialContext:
     # Whether a finished trial with this value of `metric` logs its model (plots, model.keras).
     logs_model: Callable[[float], bool] = _every_model
 
+    @property
+    def maximize(self) -> bool:
+        """Whether `metric` is better higher: the study's first direction."""
+        return self.trial.study.directions[0].name == "MAXIMIZE"
+
 
 ACTIVE_TRIAL: ContextVar[TrialContext | None] = ContextVar("abalone_active_trial", default=None)
 

@@ -41,7 +41,11 @@ def test_sweep_through_the_grpc_proxy_lands_in_postgresql(tmp_path, data_file, p
     # the scheduler's choice.
     assert 1 <= len({t.user_attrs["pid"] for t in trials}) <= 2
     assert all("mlflow_run_id" in t.user_attrs and t.intermediate_values for t in trials)
-    assert "Optuna storage proxy for" in (tmp_path / "proxy.log").read_text()
+    proxy_log = (tmp_path / "proxy.log").read_text()
+    assert "Optuna storage proxy for" in proxy_log
+    # The sweep's locks (parent run, registration) are marker studies behind a proxy: quietly.
+    assert f"A new study created in RDB with name: {summary.study_name}" in proxy_log
+    assert ".lock" not in proxy_log and ".lock" not in done.stdout + done.stderr
 
 
 @pytest.mark.slow

@@ -118,8 +118,8 @@ def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
 
 @pytest.mark.slow
 def test_objective_is_the_metric_of_the_weights_early_stopping_keeps(tmp_path, data_file):
-    # Early stopping restores the epoch of the lowest val_loss; a sweep on val_mae must rank
-    # trials by val_mae at that epoch, which need not be the lowest val_mae of the run.
+    # A trial keeps the epoch of the best value of the sweep's metric (val_mae here, not
+    # val_loss), early stopping watches that value, and the trial is ranked by it.
     done = run_cli(["-m", "trainer.epochs=8", "trainer.patience=3", "trainer.verbose=0",
                     "optimizer.lr=0.05,0.02", "hydra.sweeper.metric=val_mae",
                     f"hydra.sweeper.storage={tmp_path / 'study.journal'}"],
@@ -131,10 +131,13 @@ def test_objective_is_the_metric_of_the_weights_early_stopping_keeps(tmp_path, d
         run_id = trial.user_attrs["mlflow_run_id"]
         by_step = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
                    for key in ("val_loss", "val_mae")}
-        kept_step = min(by_step["val_loss"], key=by_step["val_loss"].get)
+        kept_step = min(by_step["val_mae"], key=by_step["val_mae"].get)
         assert trial.value == pytest.approx(by_step["val_mae"][kept_step])
         run = client.get_run(run_id)
         assert trial.value == pytest.approx(run.data.metrics["best_val_mae"], rel=1e-4)
+        assert run.data.metrics["kept_epoch"] == kept_step
+        # Stopped 3 epochs after its best val_mae (patience 3), unless the 8 ran out first.
+        assert max(by_step["val_mae"]) in (8, kept_step + 3)
         # Named `objective` whatever the metric, at the kept epoch.
         (objective,) = client.get_metric_history(run_id, "objective")
         assert (objective.step, objective.value) == (kept_step, pytest.approx(trial.value))

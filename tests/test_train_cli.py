@@ -41,6 +41,12 @@ def assert_complete_run(tracking_uri: str, data_file, params: dict[str, str], mo
             range(1, epochs + 1)), key
         assert all(np.isfinite(m.value) for m in history), key
     assert run.data.metrics["total_training_time"] > 0
+    # The weights kept, evaluated and registered are the epoch of the lowest val_loss.
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+    kept = min(losses, key=losses.get)
+    assert run.data.metrics["kept_epoch"] == run.data.metrics["best_epoch"] == kept
+    rmse = {m.step: m.value for m in client.get_metric_history(run_id, "val_rmse")}
+    assert run.data.metrics["best_val_rmse"] == pytest.approx(rmse[kept], rel=1e-4)
     for key in ("test_rmse", "test_mae", "test_r2"):
         assert np.isfinite(run.data.metrics[key]), key
     for key, value in {**params, "trainer.epochs": str(epochs)}.items():

@@ -57,7 +57,8 @@ def callback_pairs(data_path: str, url: str, epochs: int, pairs: int) -> list[tu
 
     from abalone import data, dataset
     from abalone.callbacks import MlflowLogger
-    from abalone.run import build_model, import_keras
+    from abalone.keras_setup import import_keras
+    from abalone.run import build_model
     from abalone.train import CONF_DIR
 
     keras = import_keras()
