@@ -191,7 +191,7 @@ class RaiseOnInterrupt(keras.callbacks.Callback):
 class EpochPrinter(keras.callbacks.Callback):
     """One readable line per epoch instead of Keras's progress bars."""
 
-    KEYS = ("loss", "val_loss", "rmse", "val_rmse", "mae", "val_mae")
+    KEYS = ("loss", "val_loss", "rmse", "val_rmse", "mae", "val_mae", "accuracy", "val_accuracy")
 
     def __init__(self, epochs: int, learning_rate: Callable[[int], float] | None = None):
         super().__init__()

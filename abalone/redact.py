@@ -17,22 +17,6 @@ def redact(uri: str) -> str:
     """`uri` without the password of any user:password@ part, and with the values of its
     signature and credential query parameters replaced by ***."""
     parts = urlsplit(uri)
-<<<<<<< HEAD
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-# user:password@ in any URL within a text (a library's error message repeats the URL it used).
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@", re.I)
-
-
-def redact_text(text: str) -> str:
-    """`text` with the password of every user:password@ URL in it masked."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-=======
     if parts.password is not None:
         host = parts.hostname or ""
         netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
@@ -44,4 +28,12 @@ def redact_text(text: str) -> str:
                                for k, v in pairs], safe="*")
             uri = uri.replace(f"?{parts.query}", f"?{query}", 1)
     return uri
->>>>>>> tables
+
+
+# user:password@ in any URL within a text (a library's error message repeats the URL it used).
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@", re.I)
+
+
+def redact_text(text: str) -> str:
+    """`text` with the password of every user:password@ URL in it masked."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)

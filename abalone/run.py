@@ -321,6 +321,11 @@ def open_run(cfg: DictConfig, ready: Prepared, history: dict, output_dir: Path,
         # Short, and unique across sweeps once a sorted table flattens the nesting.
         run_name = f"{run_name or trial.study_name}-t{trial.trial.number}"
         params["objective_metric"] = trial.metric
+    elif not run_name:
+        # MLflow's random names come from Python's `random`, which the run's seed resets: every
+        # single run would get the same one.
+        stamp = time.strftime("%Y%m%d-%H%M%S") + f".{int(time.time() * 1000) % 1000:03d}"
+        run_name = f"{choices.get('model', 'model')}-{ready.data.name}-{stamp}"
     return tracking.TrackedRun(
         ready.experiment_id, run_name, tags, params,
         parent_run_id=trial.parent_run_id if trial else None, is_trial=trial is not None,

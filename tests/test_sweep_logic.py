@@ -385,3 +385,33 @@ def test_a_worker_s_state_names_its_exit_code_or_signal(tmp_path):
     assert exit_status(1, log) == "failed: exit code 1, error: data file not found"
     assert exit_status(-9, None) == "failed: killed by SIGKILL"
     assert exit_status(-100, None) == "failed: killed by signal 100"
+
+
+def finished_trial(state: TrialState, seconds: float, **attrs) -> optuna.trial.FrozenTrial:
+    import datetime
+
+    start = datetime.datetime(2026, 1, 1)
+    return optuna.trial.FrozenTrial(
+        number=0, state=state, value=1.0 if state == TrialState.COMPLETE else None,
+        datetime_start=start, datetime_complete=start + datetime.timedelta(seconds=seconds),
+        params={}, distributions={}, user_attrs=attrs, system_attrs={},
+        intermediate_values={0: 3.0, 1: 2.5} if state == TrialState.PRUNED else {},
+        trial_id=0)
+
+
+def test_a_trial_line_shows_progress_eta_and_a_pruned_trials_value():
+    from abalone.sweep.report import duration_text, progress_text, shown_values
+
+    assert [duration_text(s) for s in (42, 185, 7620)] == ["42s", "3m05s", "2h07m"]
+    done = [finished_trial(TrialState.COMPLETE, s) for s in (10, 20, 30)]
+    pruned = finished_trial(TrialState.PRUNED, 4)
+    copied = finished_trial(TrialState.COMPLETE, 1, **{space.WARM_START_OF: "other"})
+    # 4 of 10 count (the warm-start copy does not); median of 10, 20, 30, 4 is 15 s; 6 left, 2 jobs
+    assert progress_text([*done, pruned, copied], 10, False, 2) == "4/10  eta 45s"
+    assert progress_text([*done, pruned], 10, True, 1) == "4/≤10  eta 1m30s"
+    assert progress_text(done, 3, False, 1) == "3/3"  # nothing left: no ETA
+    assert progress_text([], 5, False, 1) == "0/5"
+    assert shown_values(["val_rmse"], "PRUNED", None, pruned) == "val_rmse 2.5000 at epoch 2"
+    assert shown_values(["val_rmse", "params_count"], "COMPLETE", [2.0, 1000.0], done[0]) == (
+        "val_rmse 2.0000  params_count 1000")
+    assert shown_values(["val_rmse"], "FAIL", None, done[0]) == "val_rmse -"

@@ -114,6 +114,17 @@ def test_run_is_tracked_in_local_sqlite(tmp_path, data_file, monkeypatch):
     np.testing.assert_allclose(mean, train_mean, rtol=1e-5)
     assert not np.allclose(mean, all_mean, rtol=1e-5)
 
+    # Single runs are told apart by name (MLflow's random names repeat under a fixed seed): the
+    # model option, the table and when; a name the user sets is kept.
+    for args in ([*TINY, "tracking.register=false"],
+                 [*TINY, "tracking.register=false", "tracking.run_name=mine"]):
+        again = run_cli(args, cwd=tmp_path, data=data_file)
+        assert again.returncode == 0, again.stderr[-3000:]
+    client = MlflowClient("sqlite:///mlflow.db")
+    names = [r.info.run_name for r in client.search_runs(["1"], order_by=["start_time ASC"])]
+    assert len(names) == 3 and names[2] == "mine", names
+    assert names[0].startswith("wide-abalone-2") and names[1].startswith("mlp-abalone-2"), names
+
 
 @pytest.mark.slow
 def test_default_run_is_tracked_on_an_mlflow_server(tmp_path, data_file, mlflow_server,

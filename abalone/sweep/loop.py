@@ -157,11 +157,17 @@ class Sweep:
 
     def run(self) -> None:
         status = "FAILED"
+        started = time.monotonic()
         try:
             self.prepare()
             log.info("study %r (%s): %d trials in total, %d finished before; parent MLflow run "
                      "%s", self.plan.study_name, self.plan.storage_label, self.plan.n_trials,
                      slots.finished_count(self.study), self.parent_run_id)
+            if self.client and not self.is_worker:  # the link first: trials show as they end
+                log.info("look: %s", tracking.where_to_look(
+                    self.experiment_id, f"tags.`optuna.study_name` = '{self.plan.study_name}'"))
+            log.info("watch the study: optuna-dashboard %s (docs/sweeps.md)",
+                     self.plan.storage_label)
             with interrupts.remembered(self.interrupted):  # the running trial stops, and the loop
                 self.run_share()
             if not self.is_worker:
@@ -173,6 +179,8 @@ class Sweep:
         finally:
             if status != "FINISHED":
                 self.end_early(status)
+            log.info("the sweep took %s (%s)", report.duration_text(time.monotonic() - started),
+                     status)
 
     def run_share(self) -> None:
         """This process's trials, and its workers' (followed, or waited for and their stale

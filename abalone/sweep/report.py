@@ -4,11 +4,12 @@ the top-trials table, and at the end the study's tallies, plots and champion, re
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from typing import Any
 
 from mlflow.entities import Metric, RunTag
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from abalone.config import AbaloneError
 from abalone.sweep import objectives, slots
@@ -46,16 +47,56 @@ def best_text(plan, front, champion) -> str:
     return f"best {champion.values[0]:.4f} (trial {champion.number})"
 
 
+def duration_text(seconds: float) -> str:
+    """`42s`, `3m05s`, `2h07m`: what a person reads at a glance in a log."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_text(trials: list[FrozenTrial], n_trials: int, may_stop_early: bool,
+                  n_jobs: int) -> str:
+    """`12/50  eta 3m20s`: the trials finished of those that count towards n_trials (a resumed
+    study's earlier ones included; `≤50` when a stop rule may end the study sooner) and the time
+    left, the remaining trials times the median of the last 10 finished ones, over n_jobs."""
+    finished = [t for t in slots.slot_holders(trials) if t.state.is_finished()]
+    total = f"{'≤' if may_stop_early else ''}{n_trials}"
+    remaining = max(n_trials - len(finished), 0)
+    ended = sorted((t for t in finished if t.datetime_start and t.datetime_complete),
+                   key=lambda t: t.datetime_complete)[-10:]
+    if not remaining or not ended:
+        return f"{len(finished)}/{total}"
+    typical = statistics.median((t.datetime_complete - t.datetime_start).total_seconds()
+                                for t in ended)
+    return f"{len(finished)}/{total}  eta {duration_text(remaining * typical / n_jobs)}"
+
+
+def shown_values(metrics: list[str], state: str, values, frozen: FrozenTrial) -> str:
+    """The trial's values; a pruned trial's at the epoch it was stopped."""
+    if state == "COMPLETE":
+        return "  ".join(f"{m} {value_text(m, v)}" for m, v in zip(metrics, values))
+    if state == "PRUNED" and frozen.intermediate_values:
+        step = max(frozen.intermediate_values)  # KerasPruningCallback's: the epoch from 0
+        return (f"{metrics[0]} {value_text(metrics[0], frozen.intermediate_values[step])} "
+                f"at epoch {step + 1}")
+    return "  ".join(f"{m} -" for m in metrics)
+
+
 def trial_line(sweep, trial, state: str, values, error, seconds: float, note: str) -> None:
     """The trial's line, and the best objective so far on the parent run."""
-    metrics = sweep.plan.metrics
+    plan = sweep.plan
     front, champion = best(sweep)
-    shown = "  ".join(f"{m} {value_text(m, v)}" for m, v in zip(
-        metrics, values if state == "COMPLETE" else ["-"] * len(metrics)))
+    frozen = sweep.study._storage.get_trial(trial._trial_id)
+    progress = progress_text(sweep.study.get_trials(deepcopy=False), plan.n_trials,
+                             plan.stop_rule != "none", plan.settings.n_jobs)
     reason = (f"  {type(error).__name__}: {error}" + (note and f" ({note})") if state == "FAIL"
               else note and f"  {note}")
-    log.info("trial %3d  %-8s  %s  %s  %.1fs%s", trial.number, state, shown,
-             best_text(sweep.plan, front, champion), seconds, reason)
+    log.info("trial %3d  %-8s  %s  %s  %.1fs  %s%s", trial.number, state,
+             shown_values(plan.metrics, state, values, frozen), best_text(plan, front, champion),
+             seconds, progress, reason)
     if sweep.client and champion is not None:
         try:
             sweep.client.log_metric(sweep.parent_run_id, BEST_OBJECTIVE, champion.values[0],
