@@ -189,7 +189,8 @@ def fit(cfg: DictConfig, ready: Prepared, run: tracking.TrackedRun, history,
     if ready.mlp_plan:
         from abalone import mlp_program
 
-        mlp_program.fit(ready.mlp_plan, train, val, t.batch_size, t.seed, t.epochs, callbacks)
+        mlp_program.fit(ready.mlp_plan, train, val, t.batch_size, t.seed, t.epochs, callbacks,
+                        chooser)
     else:
         ready.model.fit(**data.fit_arguments(train, val, t.batch_size, t.seed,
                                              keras.backend.backend()),

@@ -20,7 +20,6 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from abalone.callbacks import BestEpoch
 from abalone.mlp_program.plan import Block, MlpPlan, plan
 from abalone.mlp_program.program import MlpProgram
 
@@ -48,9 +47,10 @@ def program_for(p: MlpPlan) -> MlpProgram:
 
 
 def fit(p: MlpPlan, train: tuple[dict, np.ndarray], val: tuple[dict, np.ndarray],
-        batch_size: int, seed: int, epochs: int, callbacks: list) -> None:
-    """`model.fit` of the plan's model on its program, with the callbacks; a `BestEpoch` among
-    them has the program keep the epoch it chooses, in a snapshot inside the program."""
+        batch_size: int, seed: int, epochs: int, callbacks: list, chooser=None) -> None:
+    """`model.fit` of the plan's model on its program, with the callbacks; `chooser` (one of
+    them, an `abalone.callbacks.BestEpoch`) has the program keep the epoch it chooses, in a
+    snapshot inside the program."""
     program = program_for(p)
     x_train = tf.convert_to_tensor(ops.convert_to_numpy(p.features(train[0])))
     x_val = tf.convert_to_tensor(ops.convert_to_numpy(p.features(val[0])))
@@ -62,7 +62,6 @@ def fit(p: MlpPlan, train: tuple[dict, np.ndarray], val: tuple[dict, np.ndarray]
     orders = iter(tf.data.Dataset.range(rows).shuffle(rows, seed=seed,
                                                       reshuffle_each_iteration=True)
                   .batch(rows).repeat())
-    chooser = next((c for c in callbacks if isinstance(c, BestEpoch)), None)
     if chooser is not None:
         chooser.saves_weights = False  # the program keeps its own snapshot
     callback_list = keras.callbacks.CallbackList(callbacks, model=p.model)

@@ -16,7 +16,7 @@ import keras
 from keras import layers
 
 from abalone.model import LearningRate
-from abalone.table_serving import REGRESSION
+from abalone.serving import REGRESSION
 
 # The optimizer's public API the program reads (get_config, from_config, apply and variables:
 # to write Adam's moments back into the Keras optimizer of a model that is saved).
