@@ -288,3 +288,11 @@ def check_ranges(cfg: Any) -> None:
     require(not cfg.output.s3_uri or cfg.output.s3_uri.startswith("s3://"), "output.s3_uri",
              "an s3://bucket/prefix URI", cfg.output.s3_uri)
     require(bool(tr.experiment), "tracking.experiment", "a non-empty name", tr.experiment)
+
+
+def check_option(group: str, choice: str | None, options: list[str]) -> None:
+    """Refuse an option of an optional config group (`sweep=nosuch`) that does not exist,
+    which Hydra would skip without a word."""
+    if choice is not None and choice not in options:
+        raise ConfigError(f"{group}={choice}: there is no {group} named {choice!r}; there are: "
+                          f"{', '.join(sorted(options)) or 'none'}")

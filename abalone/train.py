@@ -56,7 +56,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from abalone import interrupts  # noqa: E402
-from abalone.config import AbaloneError  # noqa: E402
+from abalone.config import AbaloneError, check_option  # noqa: E402
 # The module, not its ContextVar: run as `python -m abalone.train`, `main` is pickled by value for
 # launchers that run jobs in other processes (joblib), and a ContextVar cannot be pickled.
 import abalone.trial as trial_contract  # noqa: E402
@@ -94,6 +94,11 @@ def main(cfg: DictConfig) -> float | dict[str, float] | None:
                if choice is not None and not group.startswith("hydra/")}
     single = HydraConfig.get().mode is RunMode.RUN
     try:
+        if single:
+            from hydra.core.global_hydra import GlobalHydra
+
+            check_option("sweep", choices.get("sweep"),
+                         GlobalHydra.instance().config_loader().get_group_options("sweep"))
         from abalone.run import run_training
 
         encoded = os.environ.get(trial_contract.TRIAL_ENV)

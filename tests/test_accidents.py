@@ -123,3 +123,41 @@ def test_a_locked_sqlite_store_is_named_by_its_file(tmp_path, data_file):
         "held the file longer than SQLite waits: run again once it is done, or track on an "
         "MLflow server: tracking=server tracking.uri=http://HOST:5000)")
     assert "tracking server at" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, said", [
+    (["-m", "model.unitz=choice(1,2)"],
+     "error: hydra.sweeper.params: a trial's config cannot be composed from model.unitz=1: "
+     "Could not override 'model.unitz'"),
+    (["-m", "model=choice(wide,nosuch)"], "from model=nosuch: In 'config': Could not find "
+                                          "'model/nosuch'"),
+    (["-m", "sweep=nosuch"], "error: sweep=nosuch: there is no sweep named 'nosuch'; there are: "
+                             "quick, search, size"),
+    (["sweep=nosuch"], "error: sweep=nosuch: there is no sweep named 'nosuch'; there are: "
+                       "quick, search, size"),
+    (["-m", "sweep=quick", "hydra.sweeper.storage=postgresql+psycopg2://u:pw@127.0.0.1:1/db"],
+     "its database driver psycopg2 is not installed (pip install 'abalone[postgres]')"),
+])
+def test_a_sweep_s_typos_are_refused_before_anything_exists(tmp_path, data_file, args, said):
+    # A misspelt search-space key or option, an unknown sweep (with -m and without), a database
+    # storage without its driver: one error line, no study, no run, however often it is rerun.
+    blocker = tmp_path / "blocker" / "psycopg2"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text(
+        "raise ModuleNotFoundError('No module named psycopg2', name='psycopg2')\n")
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "abalone.train", *args, "trainer.epochs=1"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT,
+                              env=scrubbed_environ(ABALONE_DATA=str(data_file),
+                                                   PYTHONPATH=str(blocker.parent)))
+        assert done.returncode == 1, done.stderr[-3000:]
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and said in errors[0], done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and "pw@" not in done.stderr
+    assert not (tmp_path / "optuna-studies.journal").exists()
+    assert not list(tmp_path.glob("outputs/*/*/model.keras"))
+    if (tmp_path / "mlflow.db").exists():
+        assert not MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+            [e.experiment_id for e in MlflowClient(
+                f"sqlite:///{tmp_path}/mlflow.db").search_experiments()])

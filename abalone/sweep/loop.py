@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from abalone import dataset, interrupts, tracking
-from abalone.config import AbaloneError, ConfigError, check_ranges
+from abalone.config import AbaloneError, ConfigError, check_option, check_ranges
 from abalone.sweep import coordinator, launchers, objectives, report, slots, space
 from abalone.sweep.algorithms import make_pruner, make_sampler, process_rank
 from abalone.sweep.lock import study_lock
@@ -90,10 +90,13 @@ class Sweep:
 
     def prepare(self) -> None:
         s = self.settings
+        check_option("sweep", self.config.hydra.runtime.choices.get("sweep"),
+                     self.hydra_context.config_loader.get_group_options("sweep"))
         self.plan: SweepPlan = make_plan(s, self.arguments)
         base = self.hydra_context.config_loader.load_sweep_config(self.config,
                                                                   list(self.plan.fixed))
         check_ranges(base)
+        self.check_trial_configs()
         ds = dataset.load(base.data)  # a bad table fails before any trial, naming where
         base.tracking.registered_model = base.tracking.registered_model or ds.model_name
         self.tracking_cfg = base.tracking
@@ -135,6 +138,23 @@ class Sweep:
                         self.plan.storage_label, self.plan.params(self.workers_choice))
                 self.end_runs_left_running()
 
+    def check_trial_configs(self) -> None:
+        """Compose trials' configs before the study exists: a key of the search space the
+        config does not have (`model.unitz`), an option no group has, or a value out of range
+        is refused naming it, with nothing created."""
+        for values in space.probe_values(self.plan.space):
+            overrides = [*self.plan.fixed, *space.trial_overrides(values)]
+            try:
+                check_ranges(self.hydra_context.config_loader.load_sweep_config(self.config,
+                                                                                overrides))
+            except AbaloneError:
+                raise
+            except Exception as err:  # Hydra's composition errors, whatever their class
+                reason = " ".join(str(err).split("Config search path")[0].split())
+                raise ConfigError(f"hydra.sweeper.params: a trial's config cannot be composed "
+                                  f"from {' '.join(space.trial_overrides(values))}: "
+                                  f"{reason}") from err
+
     def end_runs_left_running(self) -> None:
         """End FAILED the runs of FAIL trials that a sweep stopped by an outage of the tracking
         server could not end."""
@@ -156,10 +176,10 @@ class Sweep:
     # -- the sweep ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        status = "FAILED"
-        started = time.monotonic()
+        status, started = "FAILED", None
         try:
             self.prepare()
+            started = time.monotonic()
             log.info("study %r (%s): %d trials in total, %d finished before; parent MLflow run "
                      "%s", self.plan.study_name, self.plan.storage_label, self.plan.n_trials,
                      slots.finished_count(self.study), self.parent_run_id)
@@ -179,8 +199,9 @@ class Sweep:
         finally:
             if status != "FINISHED":
                 self.end_early(status)
-            log.info("the sweep took %s (%s)", report.duration_text(time.monotonic() - started),
-                     status)
+            if started is not None:
+                log.info("the sweep took %s (%s)",
+                         report.duration_text(time.monotonic() - started), status)
 
     def run_share(self) -> None:
         """This process's trials, and its workers' (followed, or waited for and their stale

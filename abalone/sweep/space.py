@@ -70,6 +70,16 @@ def trial_overrides(params: dict[str, Any]) -> list[str]:
     return [f"{key}={value}" for key, value in params.items()]
 
 
+def probe_values(space: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
+    """Parameter sets that give every key of the space, and every choice of each choice(), at
+    least once: composing a trial's config with each shows a misspelt key or option before the
+    study exists."""
+    widest = max((len(d.choices) for d in space.values()
+                  if isinstance(d, CategoricalDistribution)), default=1)
+    return [{key: (d.choices[i % len(d.choices)] if isinstance(d, CategoricalDistribution)
+                   else d.low) for key, d in space.items()} for i in range(widest)]
+
+
 def grid_values(space: dict[str, BaseDistribution]) -> dict[str, list]:
     grid = {}
     for key, dist in space.items():

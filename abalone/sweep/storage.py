@@ -59,6 +59,12 @@ def make_storage(storage: str, password_secret: str | None = None,
         for attempt in range(3):
             try:
                 return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs, **heartbeat)
+            except ImportError as err:  # Optuna's, for SQLAlchemy's dialect without its driver
+                missing = getattr(err.__cause__ or err.__context__, "name", None) or "its driver"
+                extra = " (pip install 'abalone[postgres]')" if missing == "psycopg2" else ""
+                raise StorageError(f"cannot open the Optuna storage {redact(storage)} (config "
+                                   f"key hydra.sweeper.storage): its database driver {missing} "
+                                   f"is not installed{extra}") from None
             except sqlalchemy.exc.OperationalError as err:  # cannot connect: no use retrying
                 raise StorageError(f"cannot open the Optuna storage {redact(storage)} (config "
                                    f"key hydra.sweeper.storage): {_first_line(err, storage)}"
