@@ -8,12 +8,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from abalone import evaluate
+from abalone.redact import redact_tree
 
 
 def save_config(cfg: DictConfig, output_dir: Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config_path.write_text(OmegaConf.to_yaml(redact_tree(OmegaConf.to_container(
+        cfg, resolve=True, enum_to_str=True))))
     return config_path
 
 

@@ -4,6 +4,8 @@ values are never logged, whatever group they come from."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any, Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 SECRET_KEY = re.compile(r"secret|password|token|credential|access_key|session_key", re.I)
@@ -34,6 +36,39 @@ def redact(uri: str) -> str:
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@", re.I)
 
 
+# A URL's query parameter within a text: ?X-Amz-Signature=... or &token=...
+_QUERY_PARAMETER = re.compile(r"(?P<key>[?&][^=&\s'\"#]+)=(?P<value>[^&\s'\"#]+)")
+
+
 def redact_text(text: str) -> str:
-    """`text` with the password of every user:password@ URL in it masked."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    """`text` with the password of every user:password@ URL in it masked, and the values of
+    signature and credential query parameters."""
+    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_PARAMETER.sub(lambda m: f"{m['key']}=***" if SECRET_PARAMETER.search(
+        m["key"][1:]) else m[0], text)
+
+
+def redact_tree(node: Any) -> Any:
+    """A config as plain containers, as files and artifacts may show it: the values of secret
+    keys (`*password*`, `*token*`, ...) hidden and every URL's secrets masked."""
+    if isinstance(node, dict):
+        return {key: "***" if SECRET_KEY.search(str(key)) and value is not None
+                and not isinstance(value, (dict, list)) else redact_tree(value)
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [redact_tree(value) for value in node]
+    return redact_text(node) if isinstance(node, str) else node
+
+
+def redact_files(paths: Iterable[Path]) -> None:
+    """Mask in place the secrets of URLs in files another library wrote (Hydra's saved
+    config.yaml, hydra.yaml, overrides.yaml and multirun.yaml): a password given in a URL on the
+    command line is not left on disk."""
+    for path in paths:
+        try:
+            text = path.read_text()
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+        masked = redact_text(text)
+        if masked != text:
+            path.write_text(masked)

@@ -57,6 +57,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from abalone import interrupts  # noqa: E402
 from abalone.config import AbaloneError, check_option  # noqa: E402
+from abalone.redact import redact_files  # noqa: E402
 # The module, not its ContextVar: run as `python -m abalone.train`, `main` is pickled by value for
 # launchers that run jobs in other processes (joblib), and a ContextVar cannot be pickled.
 import abalone.trial as trial_contract  # noqa: E402
@@ -93,6 +94,9 @@ def main(cfg: DictConfig) -> float | dict[str, float] | None:
     choices = {group: choice for group, choice in runtime.choices.items()
                if choice is not None and not group.startswith("hydra/")}
     single = HydraConfig.get().mode is RunMode.RUN
+    # What Hydra saved before calling us holds the command line's URLs as given.
+    redact_files([*(output_dir / ".hydra").glob("*.yaml"),
+                  Path(HydraConfig.get().sweep.dir) / "multirun.yaml"])
     try:
         if single:
             from hydra.core.global_hydra import GlobalHydra

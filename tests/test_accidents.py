@@ -161,3 +161,35 @@ def test_a_sweep_s_typos_are_refused_before_anything_exists(tmp_path, data_file,
         assert not MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
             [e.experiment_id for e in MlflowClient(
                 f"sqlite:///{tmp_path}/mlflow.db").search_experiments()])
+
+
+@pytest.mark.slow
+def test_a_password_in_a_url_is_written_nowhere(tmp_path, data_file, mlflow_server):
+    # A run and a sweep tracking on a server whose URL carries user:password: nothing we, Hydra
+    # or MLflow write (terminal, files under the folder, params, tags, artifacts) holds it.
+    password = "S3CRETPW"
+    secret_url = mlflow_server.replace("http://", f"http://alice:{password}@")
+    said = ""
+    server = ["tracking=server", f"tracking.uri={secret_url}"]
+    for args in (["trainer.epochs=1", *server], [*GRID[:-1], *server],
+                 ["trainer.epochs=1", "tracking=server",
+                  f"tracking.uri=http://alice:{password}@127.0.0.1:9/"]):
+        done = run_cli(args, cwd=tmp_path, data=data_file)
+        said += done.stdout + done.stderr
+        assert done.returncode == (1 if ":9/" in args[-1] else 0), done.stderr[-3000:]
+    assert "error: cannot use the MLflow tracking server at http://alice:***@127.0.0.1:9" in said
+    assert password not in said
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "overrides.yaml" for p in written)
+    for path in written:
+        assert password.encode() not in path.read_bytes(), path
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 4  # the run, the parent and its two trials
+    for run in runs:
+        leaked = {k: v for k, v in {**run.data.params, **run.data.tags}.items() if password in v}
+        assert not leaked, leaked
+        artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "dl"
+                                                                            / run.info.run_id)))
+        for path in artifacts.rglob("*"):
+            assert not path.is_file() or password.encode() not in path.read_bytes(), path

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from abalone import dataset, interrupts, tracking
 from abalone.config import AbaloneError, ConfigError, check_option, check_ranges
+from abalone.redact import redact_files
 from abalone.sweep import coordinator, launchers, objectives, report, slots, space
 from abalone.sweep.algorithms import make_pruner, make_sampler, process_rank
 from abalone.sweep.lock import study_lock
@@ -199,6 +200,7 @@ class Sweep:
         finally:
             if status != "FINISHED":
                 self.end_early(status)
+            redact_files([self.sweep_dir / "multirun.yaml"])  # what the launcher saved
             if started is not None:
                 log.info("the sweep took %s (%s)",
                          report.duration_text(time.monotonic() - started), status)

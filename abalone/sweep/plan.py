@@ -15,7 +15,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from abalone.config import ConfigError
-from abalone.redact import redact
+from abalone.redact import redact, redact_text
 from abalone.sweep import objectives, space
 from abalone.sweep.algorithms import SETTINGS_USED, check_sampler, require_torch
 from abalone.sweep.lock import study_lock
@@ -78,7 +78,7 @@ class SweepPlan:
                   "sweep.n_jobs": str(s.n_jobs), "sweep.max_failures": str(s.max_failures),
                   "sweep.workers": workers_choice,
                   "sweep.log_models": self.log_models,
-                  "sweep.fixed_overrides": " ".join(self.fixed)}
+                  "sweep.fixed_overrides": redact_text(" ".join(self.fixed))}
         for group in ("sampler", "pruner"):
             conf = OmegaConf.to_container(s[group], enum_to_str=True)
             if group == "pruner" and not self.prune:
