@@ -1,17 +1,42 @@
-"""What a machine does to a command that is not the command's own error, recognised in an
-exception's chain: a full disk (`ENOSPC`, a quota's `EDQUOT`, SQLite's "database or disk is
-full"), named by the file or folder it stopped."""
+"""What a machine does to a command that is not the command's own error: a full disk (`ENOSPC`,
+a quota's `EDQUOT`, SQLite's "database or disk is full"), recognised in an exception's chain and
+named by the file or folder it stopped; and whether the process that left a record is gone
+(`process_alive`, by host, PID namespace and pid)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+import socket
 from typing import Iterator
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 SQLITE_FULL = "database or disk is full"
 NEARLY_FULL = 1 << 20  # bytes free below which a folder's disk counts as full
+HOST = socket.gethostname()
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        return ""
+
+
+# Pids compare only within one PID namespace: containers on one host share its name (host
+# network) but each has pids of its own.
+PID_NAMESPACE = _pid_namespace()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def chain(error: BaseException | None) -> Iterator[BaseException]:

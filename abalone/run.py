@@ -340,8 +340,10 @@ def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None =
     """Train, evaluate, log and (outside sweeps) register one model as `cfg` says; a single
     run's Ctrl-C sets `interrupted`."""
     ready = prepare(cfg)
-    if trial is None and ready.experiment_id and cfg.tracking.register:  # before any run exists
-        tracking.check_name(cfg.tracking.registered_model, ready.data)
+    if trial is None and ready.experiment_id:
+        tracking.end_runs_of_gone_processes(ready.experiment_id)
+        if cfg.tracking.register:  # before any run exists
+            tracking.check_name(cfg.tracking.registered_model, ready.data)
     history = ready.keras.callbacks.History()
     run = open_run(cfg, ready, history.history, output_dir, trial, choices or {}, interrupted)
     try:

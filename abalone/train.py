@@ -162,6 +162,8 @@ def cli() -> None:
     import atexit
 
     _first_line(sys.argv[1:])
+    # A log file on a full disk: lose the line, not print a traceback for it to the terminal.
+    logging.raiseExceptions = False
     interrupts.install()
     interrupts.watch_parent()
     exit_code = [1]  # an uncaught exception's, after Python has printed it

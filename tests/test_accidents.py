@@ -6,6 +6,7 @@ nothing FINISHED with missing data."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -193,3 +194,55 @@ def test_a_password_in_a_url_is_written_nowhere(tmp_path, data_file, mlflow_serv
                                                                             / run.info.run_id)))
         for path in artifacts.rglob("*"):
             assert not path.is_file() or password.encode() not in path.read_bytes(), path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB tmpfs as the working folder (mounting needs root, as CI runs)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"the full-disk test mounts a tmpfs: {mounted.stderr}"
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - leave))
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_with_one_error_line_and_the_next_command_ends_what_it_left(
+        small_disk, data_file):
+    first = run_cli(["trainer.epochs=1", "tracking.register=false"], cwd=small_disk,
+                    data=data_file)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for args, leave in ((["trainer.epochs=2"], 700_000),
+                        (["-m", "sweep=quick", "hydra.sweeper.n_trials=3", "trainer.epochs=2"],
+                         900_000)):
+        filler = fill(small_disk, leave)
+        done = run_cli(args, cwd=small_disk, data=data_file)
+        assert done.returncode == 1, done.stderr[-3000:]
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, done.stderr[-3000:]
+        assert errors[0].startswith("error: no space left on the device (writing ")
+        assert str(small_disk) in errors[0] and errors[0] == done.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in done.stdout + done.stderr
+    filler.unlink()
+    # Space freed: the same commands again end FAILED what the full disk left RUNNING.
+    for args in (["trainer.epochs=1", "tracking.register=false"],
+                 ["-m", "sweep=quick", "hydra.sweeper.n_trials=3", "trainer.epochs=2"]):
+        again = run_cli(args, cwd=small_disk, data=data_file)
+        assert again.returncode == 0, again.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{small_disk}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    for run in runs:  # nothing FINISHED with missing data
+        if run.info.status == "FINISHED" and "mlflow.parentRunId" in run.data.tags:
+            assert "test_rmse" in run.data.metrics, run.info.run_name
+    study = load_study(str(small_disk / "optuna-studies.journal"))
+    assert not [t.number for t in study.trials if t.state == TrialState.RUNNING]

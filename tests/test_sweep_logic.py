@@ -16,6 +16,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from abalone.config import ConfigError
+from abalone import accidents
 from abalone.sweep import algorithms, objectives, plan, slots, space
 from abalone.sweep.coordinator import worker_argv
 from hydra_plugins.abalone_optuna_sweeper.config import AbaloneOptunaSweeperConf, SamplerConf
@@ -205,7 +206,7 @@ def test_a_trial_no_process_marked_is_failed_and_queued_again_once_it_has_aged(t
     study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path / 'study.db'}",
                                                      stale_after=600))
     orphan = study.ask({"x": FloatDistribution(0, 1)})
-    orphan.set_user_attr("host", slots.HOST)  # its process died in mark_owner, before the pid
+    orphan.set_user_attr("host", accidents.HOST)  # its process died in mark_owner, before the pid
     mine = study.ask({"x": FloatDistribution(0, 1)})
     slots.mark_owner(mine)
     monkeypatch.setattr(slots, "UNMARKED_AFTER", 2.0)

@@ -52,23 +52,29 @@ def run_sweep(settings: DictConfig, arguments: list[str], config: DictConfig, hy
         interrupts.say(f"interrupted{interrupts.by()}: the running trial was marked FAIL and "
                        "queued again; finished trials are kept in the study")
         sys.exit(interrupts.exit_code())
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-            optuna.exceptions.StorageInternalError) as err:
+    except Exception as err:
+        print(f"error: {failure_line(err)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def failure_line(err: Exception) -> str:
+    """The `error:` line of a sweep's failure outside its own checks; raises `err` again when
+    it is none of these (a bug: its traceback is wanted)."""
+    reason = tracking.failure_reason(err)  # a full disk, an outage, a store or server refusing
+    if reason:
+        return reason
+    if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                        optuna.exceptions.StorageInternalError)):
         # The study's database went away mid-sweep (it restarted, the network cut): what it
         # recorded is kept, and a trial left RUNNING is failed and queued again on resume.
         # Optuna wraps the driver's error in StorageInternalError ("... during the commit").
         cause = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and \
             err.__cause__ is not None else err
-        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines() or [
+        first = str(getattr(cause, "orig", None) or cause).strip().splitlines() or [
             type(cause).__name__]
-        print(f"error: the study's database (hydra.sweeper.storage) failed mid-sweep: "
-              f"{reason[0]}; rerun the same command to resume the study", file=sys.stderr)
-        sys.exit(1)
-    except Exception:
-        if tracking.OUTAGE.given_up:  # e.g. the champion's registration outlasted the grace
-            print(f"error: {tracking.OUTAGE.given_up}", file=sys.stderr)
-            sys.exit(1)
-        raise
+        return (f"the study's database (hydra.sweeper.storage) failed mid-sweep: {first[0]}; "
+                "rerun the same command to resume the study")
+    raise err
 
 
 class Sweep:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from typing import Callable
@@ -35,22 +34,10 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from abalone.accidents import HOST, PID_NAMESPACE, process_alive
 from abalone.sweep.space import WARM_START_OF
 
-HOST = socket.gethostname()
 log = logging.getLogger(__name__)
-
-
-def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:  # not Linux
-        return ""
-
-
-# Pids compare only within one PID namespace: containers on one host share its name (host
-# network) but each has pids of its own.
-PID_NAMESPACE = _pid_namespace()
 OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)
 
@@ -130,9 +117,10 @@ def has_heartbeat(study: optuna.Study) -> bool:
 
 def mark_owner(trial: optuna.Trial) -> None:
     trial.set_user_attr("host", HOST)
-    trial.set_user_attr("pid", os.getpid())
     trial.set_user_attr("pid_namespace", PID_NAMESPACE)
     trial.set_user_attr("heartbeat", time.time())
+    # Last: a trial with a pid has the rest (a crash or a full disk may cut the writes short).
+    trial.set_user_attr("pid", os.getpid())
 
 
 def heartbeat_interval(stale_after: float) -> int:
@@ -172,16 +160,6 @@ class Heartbeat:
                             str(err).strip().splitlines()[0] if str(err).strip() else err)
             if self.done.wait(self.interval):
                 return
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # A process marks the trial it asked for at once (`mark_owner`); a RUNNING trial still unmarked
@@ -229,7 +207,7 @@ def fail_stale_trials(study: optuna.Study, stale_after: float,
                 and attrs.get("pid"))
         if here and attrs["pid"] == os.getpid():
             continue
-        if here and not _process_alive(attrs["pid"]):
+        if here and not process_alive(attrs["pid"]):
             stale.append(trial)
         elif not optuna_beat:
             beat = attrs.get("heartbeat") or trial.datetime_start.timestamp()

@@ -7,9 +7,11 @@ from abalone.tracking.connection import (OUTAGE, TRANSIENT_MLFLOW_CODES, Trackin
                                          connect)
 from abalone.tracking.failures import failure_reason
 from abalone.tracking.registry import RegistryError, check_name, table_identity
-from abalone.tracking.runs import (TrackedRun, flat_params, log_datasets, log_model, register,
-                                   register_checked, run_tags, where_to_look)
+from abalone.tracking.runs import (TrackedRun, end_runs_of_gone_processes, flat_params,
+                                   log_datasets, log_model, register, register_checked, run_tags,
+                                   where_to_look)
 
 __all__ = ["OUTAGE", "TRANSIENT_MLFLOW_CODES", "RegistryError", "TrackedRun", "TrackingError",
-           "check_name", "connect", "failure_reason", "flat_params", "log_datasets", "log_model",
-           "register", "register_checked", "run_tags", "table_identity", "where_to_look"]
+           "check_name", "connect", "end_runs_of_gone_processes", "failure_reason", "flat_params",
+           "log_datasets", "log_model", "register", "register_checked", "run_tags",
+           "table_identity", "where_to_look"]

@@ -13,7 +13,8 @@ from abalone.tracking.connection import OUTAGE, TrackingError
 from abalone.tracking.store import sqlite_file
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An exception's first line, secrets masked, without MLflow's echo of the response."""
     text = str(error).strip()
     line = text.splitlines()[0] if text else type(error).__name__
     return redact_text(line.split(" Response body:")[0])[:400]
@@ -40,5 +41,5 @@ def failure_reason(error: BaseException) -> str | None:
         return str(refused)
     where = (f"the MLflow store {uri} (the SQLite file {store})" if store
              else f"the MLflow tracking server at {redact(uri)}")
-    return f"{where} failed a request: {_first_line(refused)}; the run was ended FAILED if it " \
+    return f"{where} failed a request: {first_line(refused)}; the run was ended FAILED if it " \
            "took that"

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import importlib.metadata
 import logging
+import os
 import subprocess
 import threading
 from pathlib import Path
@@ -17,7 +18,9 @@ from urllib.parse import quote
 import mlflow
 from omegaconf import OmegaConf
 
+from abalone.accidents import HOST, PID_NAMESPACE, process_alive
 from abalone.redact import SECRET_KEY, redact
+from abalone.tracking.failures import first_line
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +89,19 @@ class TrackedRun:
                 self.on_stop(self, error, interrupted)
         except Exception as record_error:  # noqa: BLE001 - never hides the run's own error
             log.warning("could not record why the MLflow run stopped: %s: %s",
-                        type(record_error).__name__, record_error)
+                        type(record_error).__name__, first_line(record_error))
         try:
             if self.is_trial:
                 mlflow.set_tag("optuna.state", "PRUNED" if pruned else "FAIL")
         except Exception as tag_error:  # noqa: BLE001 - e.g. the server went away
             log.warning("could not tag the MLflow run: %s: %s", type(tag_error).__name__,
-                        tag_error)
+                        first_line(tag_error))
         finally:
             try:
                 mlflow.end_run("KILLED" if interrupted or pruned else "FAILED")
             except Exception as end_error:  # noqa: BLE001 - e.g. the server went away
                 log.warning("could not end the MLflow run: %s: %s", type(end_error).__name__,
-                            end_error)
+                            first_line(end_error))
         return False
 
 
@@ -130,6 +133,30 @@ def _git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def end_runs_of_gone_processes(experiment_id: str) -> list[str]:
+    """End FAILED the single runs of this host left RUNNING by a process that is gone (SIGKILL,
+    a full disk or store that refused to end them), with a note saying so; their ids."""
+    client = mlflow.MlflowClient()
+    found = client.search_runs([experiment_id], filter_string=(
+        f"attributes.status = 'RUNNING' and tags.`abalone.host` = '{HOST}'"), max_results=200)
+    ended = []
+    for run in found:
+        tags = run.data.tags
+        if ("mlflow.parentRunId" in tags or tags.get("abalone.pid_namespace") != PID_NAMESPACE
+                or not tags.get("abalone.pid", "").isdigit()
+                or process_alive(int(tags["abalone.pid"]))):
+            continue
+        client.set_tag(run.info.run_id, "mlflow.note.content",
+                       f"Ended FAILED by a later command: its process ({tags['abalone.pid']} on "
+                       f"{HOST}) was gone and had left it RUNNING.")
+        client.set_terminated(run.info.run_id, "FAILED")
+        ended.append(run.info.run_id)
+    if ended:
+        log.warning("ended FAILED %d run(s) left RUNNING by a process that is gone: %s",
+                    len(ended), ", ".join(ended))
+    return ended
+
+
 def run_tags(data_tags: dict[str, str]) -> dict[str, str]:
     """Provenance: the data's tags (dataset.path, dataset.sha256, where a remote file came from
     and how it was checked; the table's target, task and inputs), Keras, its backend, MLflow,
@@ -142,6 +169,9 @@ def run_tags(data_tags: dict[str, str]) -> dict[str, str]:
         "keras.backend": backend,
         "keras.version": keras.__version__,
         "mlflow.version": mlflow.__version__,
+        # Which process runs it: a later command ends it FAILED if that process is gone.
+        "abalone.host": HOST, "abalone.pid_namespace": PID_NAMESPACE,
+        "abalone.pid": str(os.getpid()),
     }
     framework = backend_distribution(backend)
     if framework:
