@@ -246,3 +246,33 @@ def test_a_full_disk_ends_with_one_error_line_and_the_next_command_ends_what_it_
             assert "test_rmse" in run.data.metrics, run.info.run_name
     study = load_study(str(small_disk / "optuna-studies.journal"))
     assert not [t.number for t in study.trials if t.state == TrialState.RUNNING]
+
+
+@pytest.mark.slow
+def test_a_server_that_fails_every_metric_batch_ends_with_one_error_line(tmp_path, data_file,
+                                                                        mlflow_server):
+    # HTTP 500 on every runs/log-batch, everything else answered: a run and a sweep end with one
+    # error: line naming the server, no traceback, the run and the parent run ended FAILED.
+    from bench.faultproxy import FaultProxy
+
+    proxy = FaultProxy(int(mlflow_server.rsplit(":", 1)[1]), 0, {"500": 1.0},
+                       only=r"^POST /api/2\.0/mlflow/runs/log-batch")
+    try:
+        for args in (["trainer.epochs=2"],
+                     ["-m", "sweep=quick", "hydra.sweeper.n_trials=2", "trainer.epochs=2"]):
+            done = run_cli([*args, "tracking=server", f"tracking.uri={proxy.url}"],
+                           cwd=tmp_path, data=data_file)
+            assert done.returncode == 1, done.stderr[-3000:]
+            errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and errors[0] == done.stderr.strip().splitlines()[-1], \
+                done.stderr[-3000:]
+            assert f"the MLflow tracking server at {proxy.url}" in errors[0], errors[0]
+            assert "Traceback" not in done.stdout + done.stderr
+    finally:
+        proxy.close()
+    assert proxy.injected["500"] >= 2
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and not [r.info.run_name for r in runs if r.info.status in ("RUNNING",
+                                                                              "FINISHED")]
+    assert not client.search_registered_models()

@@ -9,6 +9,7 @@ S3) and, by a seeded schedule, injects one fault per request:
   client cannot tell that from `drop`);
 - `delay`: wait `delay` seconds, then forward;
 - `503`, `429`: answer that status (Retry-After: 1) without forwarding;
+- `500`: answer 500 with MLflow's INTERNAL_ERROR body without forwarding (a server that fails);
 - `cut`: close the listening socket for `cut_seconds` (connections are refused), then open it
   again on the same port; the request that drew it is reset.
 
@@ -26,7 +27,7 @@ import threading
 import time
 from collections import Counter
 
-KINDS = ("drop", "reset", "delay", "503", "429", "cut")
+KINDS = ("drop", "reset", "delay", "503", "429", "500", "cut")
 
 
 class FaultProxy:
@@ -167,6 +168,13 @@ class FaultProxy:
                 if kind == "cut":
                     self._cut()
                 self._reset(client)
+                return
+            if kind == "500":
+                body = b'{"error_code": "INTERNAL_ERROR", "message": "injected failure"}'
+                client.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: "
+                               b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                               + b"\r\nConnection: close\r\n\r\n" + body)
+                client.close()
                 return
             if kind in ("503", "429"):
                 reason = "Service Unavailable" if kind == "503" else "Too Many Requests"
