@@ -5,6 +5,7 @@ to CSV and Parquet, read, checked (errors name file, line and column, or column 
 from __future__ import annotations
 
 import hashlib
+import re
 import http.server
 import threading
 from functools import partial
@@ -225,6 +226,49 @@ def test_https_table_is_downloaded_once_and_checked(tmp_path):
         server.shutdown()
 
 
+def test_a_remote_table_that_changed_is_downloaded_again_and_recorded_without_its_password(
+        tmp_path, caplog):
+    # No data.sha256: every run asks the server (If-Modified-Since); a changed file is fetched
+    # again, an unchanged one is not; offline, the cached copy is used with its age said.
+    import os
+
+    root = tmp_path / "www"
+    root.mkdir()
+    table = root / "t.csv"
+    rows = "".join(f"{i},{i % 7 + 0.5}\n" for i in range(20))
+    table.write_text("a,y\n" + rows)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://reader:hunter2@127.0.0.1:{server.server_address[1]}/t.csv"
+    cfg = config(url, target="y", cache_dir=str(tmp_path / "cache"))
+    try:
+        first = source.locate(cfg)
+        assert first.tags["dataset.check"] == "downloaded"
+        assert first.source == url.replace("hunter2", "***")
+        assert "hunter2" not in repr(first.tags) and "hunter2" not in first.source
+        source._FETCHED.clear()  # as a later run, in another process, would
+        assert source.locate(cfg).tags["dataset.check"] == "unchanged (HTTP 304 Not Modified)"
+
+        table.write_text("a,y\n" + rows + "20,9.5\n")
+        later = table.stat().st_mtime + 10  # Last-Modified counts whole seconds
+        os.utime(table, (later, later))
+        source._FETCHED.clear()
+        changed = source.locate(cfg)
+        assert changed.tags["dataset.check"] == "downloaded: it changed"
+        assert changed.sha256 != first.sha256 and len(dataset.load(cfg).splits.train) > 0
+        assert changed.sha256 == hashlib.sha256(table.read_bytes()).hexdigest()
+    finally:
+        server.shutdown()
+        server.server_close()
+    source._FETCHED.clear()
+    offline = source.locate(cfg)
+    assert offline.sha256 == changed.sha256
+    assert "is unreachable" in offline.tags["dataset.check"]
+    assert "using the copy downloaded" in offline.tags["dataset.check"]
+    assert "hunter2" not in caplog.text
+
+
 def test_relative_path_is_found_in_the_training_channel(tmp_path, monkeypatch):
     (tmp_path / "t.csv").write_text("a,y\n1,2\n")
     monkeypatch.setenv("SM_CHANNEL_TRAINING", str(tmp_path))
@@ -301,3 +345,53 @@ def test_whole_numbers_keep_their_type_and_are_checked_by_encode(tmp_path):
         encode(rows, ds.spec)
     assert "row 1, column year: null/NaN (allowed: a finite number)" in info.value.message
     assert "row 2, column year: 'MMX' (allowed: a finite number)" in info.value.message
+
+
+def typo_table(n: int = 300) -> pd.DataFrame:
+    """A numeric column `b` with one typo far down, more distinct values than max_categories."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(size=n), "b": (rng.normal(size=n) * 50 + 170).round(1),
+                          "y": rng.normal(size=n)}).astype({"b": object})
+    frame.loc[250, "b"] = "abc"
+    return frame
+
+
+@pytest.mark.parametrize("suffix, where", [("csv", "line 252, column 2 (b)"),
+                                           ("parquet", "column b, row 250")])
+def test_a_typo_in_a_numeric_column_is_refused_not_taken_as_a_category(tmp_path, suffix, where,
+                                                                       caplog):
+    frame = typo_table()
+    path = tmp_path / f"t.{suffix}"
+    if suffix == "csv":
+        frame.to_csv(path, index=False)
+    else:  # a text column, as a file written from a spreadsheet's export would have it
+        frame.astype({"b": str}).to_parquet(path)
+    with pytest.raises(DataError) as info:
+        dataset.load(config(path, target="y"))
+    message = str(info.value)
+    assert where in message and "'abc' is not a number, yet the column is numeric: 299 of its " \
+        "300 values are numbers. 1 value is not a number (this is the first)" in message, message
+    assert "data.categorical" in message
+    # Saying it is a category is how a user keeps it, and the load says why it is one.
+    caplog.set_level("INFO", logger="abalone")
+    ds = dataset.load(config(path, target="y", categorical=["b"], max_categories=1000))
+    assert ds.spec["categorical"] == ["b"]
+    assert "data: categorical: b (listed in data.categorical)" in caplog.text
+
+
+def test_a_typo_in_a_numeric_target_is_refused(tmp_path):
+    frame = typo_table().rename(columns={"b": "target", "y": "b"})
+    path = tmp_path / "t.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"line 252, column 2 \(target\): 'abc' is not a number"):
+        dataset.load(config(path, target="target"))
+
+
+@pytest.mark.parametrize("values, kind", [([[1, 2], [3], [4, 5]], "list<element: int64>"),
+                                          ([{"x": 1}, {"x": 2}, {"x": 3}], "struct<x: int64>")])
+def test_a_parquet_column_of_several_values_per_row_is_refused_naming_it(tmp_path, values, kind):
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"a": [1.0, 2.0, 3.0], "tags": values, "y": [1.5, 2.5, 3.5]}).to_parquet(path)
+    with pytest.raises(DataError, match=f"column tags: its Parquet type is {re.escape(kind)}, "
+                                        "which holds several values per row"):
+        dataset.load(config(path, target="y"))
