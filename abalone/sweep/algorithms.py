@@ -12,7 +12,6 @@ from typing import Optional
 
 import optuna
 from hydra.utils import instantiate
-from hydra_plugins.abalone_optuna_sweeper.config import SamplerConf
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
@@ -103,8 +102,9 @@ SAMPLERS = {"tpe": TPESamplerNode, "random": RandomSamplerNode, "grid": GridSamp
 PRUNERS = {"median": ("n_startup_trials", "n_warmup_steps"),
            "hyperband": ("min_resource", "reduction_factor"), "none": ()}
 # The settings of hydra.sweeper.sampler (and .pruner) each one takes: what the parent run logs.
-SETTINGS_USED = {**{name: tuple(f.name for f in fields(node) if f.name in
-                                {s.name for s in fields(SamplerConf)})
+FIXED = {"_target_", "multivariate", "constant_liar", "warn_independent_sampling",
+         "warn_asynchronous_seeding"}
+SETTINGS_USED = {**{name: tuple(f.name for f in fields(node) if f.name not in FIXED)
                     for name, node in SAMPLERS.items()}, **PRUNERS}
 # The study's system attribute counting the processes that have run it (`process_rank`).
 PROCESSES = "abalone.processes"
