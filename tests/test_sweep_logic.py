@@ -416,3 +416,17 @@ def test_a_trial_line_shows_progress_eta_and_a_pruned_trials_value():
     assert shown_values(["val_rmse", "params_count"], "COMPLETE", [2.0, 1000.0], done[0]) == (
         "val_rmse 2.0000  params_count 1000")
     assert shown_values(["val_rmse"], "FAIL", None, done[0]) == "val_rmse -"
+
+
+def test_each_pruner_is_made_from_its_settings():
+    from hydra_plugins.abalone_optuna_sweeper.config import PrunerConf
+
+    made = {name: algorithms.make_pruner(OmegaConf.structured(PrunerConf(name=name)), 30)
+            for name in ("median", "hyperband", "successive_halving", "none")}
+    assert isinstance(made["median"], optuna.pruners.MedianPruner)
+    assert isinstance(made["hyperband"], optuna.pruners.HyperbandPruner)
+    halving = made["successive_halving"]
+    assert isinstance(halving, optuna.pruners.SuccessiveHalvingPruner)
+    assert (halving._min_resource, halving._reduction_factor) == (3, 3)
+    assert isinstance(made["none"], optuna.pruners.NopPruner)
+    assert algorithms.SETTINGS_USED["successive_halving"] == ("min_resource", "reduction_factor")

@@ -100,7 +100,8 @@ SAMPLERS = {"tpe": TPESamplerNode, "random": RandomSamplerNode, "grid": GridSamp
             "gp": GPSamplerNode, "cmaes": CmaEsSamplerNode, "qmc": QMCSamplerNode,
             "nsgaii": NSGAIISamplerNode, "nsgaiii": NSGAIIISamplerNode}
 PRUNERS = {"median": ("n_startup_trials", "n_warmup_steps"),
-           "hyperband": ("min_resource", "reduction_factor"), "none": ()}
+           "hyperband": ("min_resource", "reduction_factor"),
+           "successive_halving": ("min_resource", "reduction_factor"), "none": ()}
 # The settings of hydra.sweeper.sampler (and .pruner) each one takes: what the parent run logs.
 FIXED = {"_target_", "multivariate", "constant_liar", "warn_independent_sampling",
          "warn_asynchronous_seeding"}
@@ -176,4 +177,7 @@ def make_pruner(conf, epochs: int) -> optuna.pruners.BasePruner:
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=conf.min_resource, max_resource=epochs,
                                               reduction_factor=conf.reduction_factor)
+    if name == "successive_halving":  # Hyperband's one bracket: ASHA
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=conf.min_resource,
+                                                      reduction_factor=conf.reduction_factor)
     return optuna.pruners.NopPruner()

@@ -32,6 +32,7 @@ class StopRule(str, Enum):
 class PrunerName(str, Enum):
     median = "median"
     hyperband = "hyperband"
+    successive_halving = "successive_halving"
     none = "none"
 
 
@@ -65,8 +66,8 @@ class PrunerConf:
     name: PrunerName = PrunerName.median
     n_startup_trials: int = 5  # median: trials that are never pruned
     n_warmup_steps: int = 5  # median: epochs before a trial can be pruned
-    min_resource: int = 3  # hyperband: epochs every trial gets
-    reduction_factor: int = 3  # hyperband
+    min_resource: int = 3  # hyperband, successive_halving: epochs every trial gets
+    reduction_factor: int = 3  # hyperband, successive_halving
 
 
 @dataclass
