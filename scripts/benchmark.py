@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 from bench import (callback, faults, fleet_storage, memory, overhead, report, sample, serving,
-                   storage, sweep, throughput)
+                   stalls, storage, sweep, throughput)
 
 
 def main() -> None:
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--sweep-overrides", nargs="*", default=[],
                         help="Hydra overrides added to the sweeps' commands (sweeps, throughput, "
                         "memory), as separate words or in one quoted string")
+    parser.add_argument("--stall-sweeps", type=int, default=10,
+                        help="stalls: watched sweep=search runs in a row (--sweep-trials each)")
     parser.add_argument("--storage-trials", type=int, default=50)
     parser.add_argument("--overhead-trials", type=int, default=12,
                         help="two-epoch trials per store for the per-trial overhead")
@@ -77,8 +79,9 @@ def main() -> None:
                         default="default,callback,overhead,sweeps,storage,fleet-storage,serving",
                         help="comma-separated subset to run (the report shows only those); "
                         "fleet-storage needs --postgres-url; `throughput` (against the plain "
-                        "Optuna peer, --sweep-trials trials), `memory` (--memory-trials) and "
-                        "`faults` (the fault soak) run only when named")
+                        "Optuna peer, --sweep-trials trials), `memory` (--memory-trials), "
+                        "`stalls` (--stall-sweeps watched sweeps) and `faults` (the fault soak) "
+                        "run only when named")
     parser.add_argument("--seed", type=int, default=0,
                         help="faults: the soak's seed (its first sweep's schedule)")
     parser.add_argument("--minutes", type=float, default=5.0,
@@ -99,7 +102,7 @@ def main() -> None:
     if args.smoke:
         args.repeats, args.epochs, args.callback_epochs, args.callback_pairs = 1, 2, 2, 1
         args.sweep_trials, args.storage_trials, args.serving_requests = 2, 3, 3
-        args.overhead_trials, args.memory_trials = 3, 3
+        args.overhead_trials, args.memory_trials, args.stall_sweeps = 3, 3, 1
         args.sweep_overrides = ["trainer.epochs=2", *args.sweep_overrides]
         args.fleet_workers, args.fleet_trials_per_worker, args.fleet_epochs = [2], 2, 3
         args.fleet_epoch_seconds = 0.02
@@ -134,6 +137,9 @@ def main() -> None:
     if "throughput" in sections:
         print("throughput: sweep=search against the plain Optuna peer ...", flush=True)
         results["throughput"] = throughput.bench_throughput(args)
+    if "stalls" in sections:
+        print(f"stalls: {args.stall_sweeps} watched sweep=search runs ...", flush=True)
+        results["stalls"] = stalls.bench_stalls(args)
     if "memory" in sections:
         print(f"memory over {args.memory_trials} trials in one process ...", flush=True)
         results["memory"] = memory.bench_memory(args)
