@@ -34,8 +34,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import (callback, faults, fleet_storage, memory, overhead, report, sample, serving,
-                   stalls, storage, sweep, throughput)
+from bench import (callback, equal_work, faults, fleet_storage, memory, overhead, report,
+                   sample, serving, stalls, storage, sweep, throughput)
 
 
 def main() -> None:
@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--sweep-overrides", nargs="*", default=[],
                         help="Hydra overrides added to the sweeps' commands (sweeps, throughput, "
                         "memory), as separate words or in one quoted string")
+    parser.add_argument("--equal-sets", type=int, default=20,
+                        help="equal-work: parameter sets both sides train")
+    parser.add_argument("--equal-epochs", type=int, default=30)
     parser.add_argument("--stall-sweeps", type=int, default=10,
                         help="stalls: watched sweep=search runs in a row (--sweep-trials each)")
     parser.add_argument("--storage-trials", type=int, default=50)
@@ -80,8 +83,9 @@ def main() -> None:
                         help="comma-separated subset to run (the report shows only those); "
                         "fleet-storage needs --postgres-url; `throughput` (against the plain "
                         "Optuna peer, --sweep-trials trials), `memory` (--memory-trials), "
-                        "`stalls` (--stall-sweeps watched sweeps) and `faults` (the fault soak) "
-                        "run only when named")
+                        "`stalls` (--stall-sweeps watched sweeps), `equal-work` (the same "
+                        "--equal-sets parameter sets on both sides, no pruning) and `faults` (the "
+                        "fault soak) run only when named")
     parser.add_argument("--seed", type=int, default=0,
                         help="faults: the soak's seed (its first sweep's schedule)")
     parser.add_argument("--minutes", type=float, default=5.0,
@@ -103,6 +107,7 @@ def main() -> None:
         args.repeats, args.epochs, args.callback_epochs, args.callback_pairs = 1, 2, 2, 1
         args.sweep_trials, args.storage_trials, args.serving_requests = 2, 3, 3
         args.overhead_trials, args.memory_trials, args.stall_sweeps = 3, 3, 1
+        args.equal_sets, args.equal_epochs = 7, 2
         args.sweep_overrides = ["trainer.epochs=2", *args.sweep_overrides]
         args.fleet_workers, args.fleet_trials_per_worker, args.fleet_epochs = [2], 2, 3
         args.fleet_epoch_seconds = 0.02
@@ -137,6 +142,9 @@ def main() -> None:
     if "throughput" in sections:
         print("throughput: sweep=search against the plain Optuna peer ...", flush=True)
         results["throughput"] = throughput.bench_throughput(args)
+    if "equal-work" in sections:
+        print("equal work: the same parameter sets, ours and the peer ...", flush=True)
+        results["equal_work"] = equal_work.bench_equal_work(args)
     if "stalls" in sections:
         print(f"stalls: {args.stall_sweeps} watched sweep=search runs ...", flush=True)
         results["stalls"] = stalls.bench_stalls(args)

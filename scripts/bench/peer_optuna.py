@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--enqueue", default=None,
+                        help="a JSON list of parameter sets tried first, in order (equal work)")
+    parser.add_argument("--no-pruning", action="store_true")
     args = parser.parse_args()
 
     # conf/data/abalone.yaml's split: the AWS sample's test rows, validation rows by split_seed.
@@ -80,7 +83,12 @@ def main() -> None:
     study = optuna.create_study(
         study_name="peer-optuna", direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=10),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=8))
+        pruner=(optuna.pruners.NopPruner() if args.no_pruning else
+                optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=8)))
+    if args.enqueue:
+        with open(args.enqueue) as sets:
+            for params in json.load(sets):
+                study.enqueue_trial(params)
     mlflow.set_experiment(study.study_name)  # the callback's experiment (create_experiment)
 
     with mlflow.start_run(run_name="peer-optuna-sweep") as parent:

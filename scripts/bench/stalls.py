@@ -63,7 +63,7 @@ def watched_sweep(args, overrides: list[str], out: Path) -> dict:
         found = trial_gaps(folder, watch_dir)
         if found["dumps"]:
             out.mkdir(parents=True, exist_ok=True)
-            for path in watch_dir.glob("stacks-*.txt"):
+            for path in [*watch_dir.glob("stacks-*.txt"), *watch_dir.glob("native-*.txt")]:
                 shutil.copy(path, out / path.name)
     worst = max(found["gaps"], key=lambda g: g["gap"], default=None)
     pauses = [p["seconds"] for g in found["gaps"] for p in g["gc_pauses"]]
