@@ -59,9 +59,13 @@ def fit(p: MlpPlan, train: tuple[dict, np.ndarray], val: tuple[dict, np.ndarray]
     # iterates the pipeline twice per epoch (an iterator it opens and does not read), so epoch k
     # gets the pipeline's permutation 2k.
     rows = len(train[1])
+    # Without tf.data's autotuning thread, as in fit's pipeline (abalone.data.fit_arguments):
+    # an iterator kept alive by a pruned trial's traceback waits for it when freed.
+    options = tf.data.Options()
+    options.autotune.enabled = False
     orders = iter(tf.data.Dataset.range(rows).shuffle(rows, seed=seed,
                                                       reshuffle_each_iteration=True)
-                  .batch(rows).repeat())
+                  .batch(rows).repeat().with_options(options))
     if chooser is not None:
         chooser.saves_weights = False  # the program keeps its own snapshot
     callback_list = keras.callbacks.CallbackList(callbacks, model=p.model)
