@@ -91,7 +91,9 @@ def test_launchers_we_cannot_drive_are_refused_before_anything_exists(tmp_path, 
     done = run_cli(["-m", *SMALL, "optimizer.lr=0.02,0.01", *args], cwd=tmp_path,
                    data=data_file)
     assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
-    assert done.stderr.startswith("error: ") and refusal in done.stderr
+    first, said = done.stderr.split("\n", 1)
+    assert first.startswith("abalone: setting up a sweep")  # then nothing but the refusal
+    assert said.startswith("error: ") and refusal in said
     if "has not been tested" in refusal:
         assert "use hydra/launcher=basic" in done.stderr and "joblib" in done.stderr
     # No study, no MLflow store, no parent run, no job folder.
