@@ -88,9 +88,11 @@ def test_two_identical_sweep_commands_share_the_study_and_never_draw_alike(tmp_p
     # store and the journal at once. Random sampling seeded alike would draw the same sets.
     args = ["-m", "sweep=quick", "trainer.epochs=2", "trainer.patience=0", "trainer.verbose=0",
             "hydra.sweeper.sampler.name=random", "hydra.sweeper.pruner.name=none"]
+    pids = set()
     for n_trials in (4, 10):  # then again, the store and the study there
         procs = [start_sweep([*args, f"hydra.sweeper.n_trials={n_trials}"], tmp_path, data_file)
                  for _ in range(2)]
+        pids |= {p.pid for p in procs}
         outputs = [p.communicate(timeout=CLI_TIMEOUT)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
         for output in outputs:
@@ -100,7 +102,7 @@ def test_two_identical_sweep_commands_share_the_study_and_never_draw_alike(tmp_p
         assert len(ran) == n_trials
         drawn = [tuple(sorted(t.params.items())) for t in ran]
         assert len(set(drawn)) == len(drawn), drawn
-        assert {t.user_attrs["pid"] for t in ran} <= {p.pid for p in procs}
+        assert {t.user_attrs["pid"] for t in ran} <= pids
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (parent,), runs = sweep_runs(client)
     assert parent.info.status == "FINISHED" and len(runs) == 10
