@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,20 @@ def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
     study = load_study(str(tmp_path / "optuna-studies.journal"))
     assert study.study_name.startswith("quick-")
     assert_total_honoured(study, 3)
+    # What a person watching sees: the MLflow link and the dashboard command before the first
+    # trial, n/N on every trial line (with an ETA while trials remain), the wall time at the end.
+    lines = out.splitlines()
+    first_trial = next(i for i, line in enumerate(lines) if "] trial " in line)
+    assert any(f"look: {mlflow_server}/#/experiments/" in line for line in lines[:first_trial])
+    assert any(f"watch the study: optuna-dashboard {tmp_path / 'optuna-studies.journal'}"
+               in line for line in lines[:first_trial])
+    trial_lines = [line for line in lines if "] trial " in line]
+    assert [re.search(r"  (\d)/3(  eta \S+)?$", line).group(1) for line in trial_lines] == [
+        "1", "2", "3"], trial_lines
+    assert "eta " in trial_lines[0] and "eta" not in trial_lines[-1]
+    assert re.search(r"the sweep took \d+(m\d\ds|s) \(FINISHED\)$", lines[-1]) or any(
+        re.search(r"the sweep took \d+(m\d\ds|s) \(FINISHED\)", line) for line in lines)
+    assert ".lock" not in out and "\r" not in out
 
     client = MlflowClient(tracking_uri=mlflow_server)
     (parent,), trials = sweep_runs(client)
@@ -88,10 +103,12 @@ def test_quick_sweep_on_an_mlflow_server(tmp_path, data_file, mlflow_server):
         assert len(history) == (3 if trial.state == TrialState.COMPLETE else len(
             trial.intermediate_values))
         (objective,) = client.get_metric_history(run.info.run_id, "objective")
-        if trial.state == TrialState.COMPLETE:  # the kept weights' value: the last epoch's
-            assert trial.value == pytest.approx(max(history, key=lambda m: m.step).value)
+        if trial.state == TrialState.COMPLETE:  # the kept weights' value: the best epoch's
+            kept = min(history, key=lambda m: m.value)
+            assert trial.value == pytest.approx(kept.value)
             assert trial.value == pytest.approx(run.data.metrics["best_val_rmse"], rel=1e-4)
-            assert (objective.step, objective.value) == (3, pytest.approx(trial.value))
+            assert (objective.step, objective.value) == (kept.step, pytest.approx(trial.value))
+            assert run.data.metrics["kept_epoch"] == kept.step
         assert run.data.params["objective_metric"] == "val_rmse"
         assert run.data.params["optimizer.lr"] == str(trial.params["optimizer.lr"])
         # The sampled group choice under the key the user wrote, beside what it expands to.
