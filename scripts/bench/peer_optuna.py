@@ -33,14 +33,16 @@ START = time.monotonic()
 
 import argparse  # noqa: E402 - after START, so the wall time counts the imports
 import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import keras  # noqa: E402
 import mlflow  # noqa: E402
 import optuna  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
 from optuna_integration import KerasPruningCallback, MLflowCallback  # noqa: E402
 from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY  # noqa: E402
 
+import abalone  # noqa: E402
 from abalone import dataset  # noqa: E402
 from abalone.model import build_mlp, build_optimizer  # noqa: E402
 
@@ -69,10 +71,11 @@ def main() -> None:
     parser.add_argument("--no-pruning", action="store_true")
     args = parser.parse_args()
 
-    # conf/data/abalone.yaml's split: the AWS sample's test rows, validation rows by split_seed.
-    ds = dataset.load(OmegaConf.create({"path": args.data, "test_fraction": 0.2,
-                                        "holdout_seed": 42, "val_fraction": 0.2,
-                                        "split_seed": 0}))
+    # conf/data/abalone.yaml as a run composes it: the AWS sample's test rows, validation rows
+    # by split_seed.
+    with initialize_config_dir(config_dir=str(Path(abalone.__file__).resolve().parent / "conf"),
+                               version_base="1.3"):
+        ds = dataset.load(compose(config_name="config", overrides=[f"data.path={args.data}"]).data)
     splits = {"train": ds.splits.train, "val": ds.splits.val, "test": ds.splits.test}
     x = {name: ds.inputs(frame) for name, frame in splits.items()}
     y = {name: ds.targets(frame) for name, frame in splits.items()}
