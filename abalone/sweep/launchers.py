@@ -7,15 +7,13 @@ this machine) and submitit's SLURM launcher (`hydra/launcher=submitit_slurm`, jo
 run a batch of trials in other processes: each job gets its trial as a Hydra override,
 `hydra.job.env_set.ABALONE_TRIAL=...`, which Hydra's `run_job` turns into an environment
 variable inside the job, whatever launcher ran it; `abalone.train` then rebuilds the context from
-the shared study (`open_context`). Any other launcher is refused before the study or the parent
+the shared study (abalone.trial_job). Any other launcher is refused before the study or the parent
 run exists: we have not seen its jobs through, and a job that does not get its trial would train
 and register as a plain run.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import subprocess
@@ -23,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from hydra.core.utils import JobStatus
@@ -32,9 +30,10 @@ from optuna.trial import TrialState
 
 from abalone.config import AbaloneError, ConfigError
 from abalone.redact import redact
+from abalone.study.storage import heartbeat_interval
 from abalone.sweep import report, slots, space
 from abalone.tracking import sweep_runs
-from abalone.trial import TRIAL_ENV, TrialContext
+from abalone.trial_job import OUTCOME, SLURM_JOB, trial_override
 
 log = logging.getLogger(__name__)
 
@@ -135,67 +134,9 @@ def batch_size(launcher_cfg: DictConfig) -> int:
     return 1
 
 
-# -- the trial, from the sweep to its job ---------------------------------------------------
-
-
-def trial_override(fields: dict[str, Any]) -> str:
-    """The override that hands a job its trial: URL-safe base64 of JSON, so no quote, comma or
-    `${` of a study name can reach Hydra's grammar or OmegaConf's interpolation. A Hydra key
-    (`++`: added beside the user's own env_set), so it is in no job folder's name or params."""
-    encoded = base64.urlsafe_b64encode(json.dumps(fields).encode()).decode()
-    return f"++hydra.job.env_set.{TRIAL_ENV}='{encoded}'"
-
-
-def open_context(encoded: str, epochs: int) -> TrialContext:
-    """In the job: its trial, on the study the sweep shares (for each epoch's report and the
-    pruner's verdict), and the rule for logging its model. A job stops on its own SIGINT or
-    SIGTERM; the sweep's Ctrl-C event cannot reach another process."""
-    from abalone.sweep import objectives
-    from abalone.sweep.algorithms import make_pruner
-    from abalone.sweep.storage import make_storage
-
-    fields = json.loads(base64.urlsafe_b64decode(encoded))
-    storage = make_storage(fields["storage"], fields["storage_password_secret"])
-    pruner = (make_pruner(OmegaConf.create(fields["pruner"]), epochs) if fields["prune"]
-              else optuna.pruners.NopPruner())
-    study = optuna.load_study(study_name=fields["study_name"], storage=storage, pruner=pruner)
-    trial = optuna.Trial(study, fields["trial_id"])
-    if trial.number != fields["trial_number"]:
-        raise ConfigError(f"{TRIAL_ENV} names trial {fields['trial_number']}, but trial id "
-                          f"{fields['trial_id']} of study {fields['study_name']} is trial "
-                          f"{trial.number}")
-    return TrialContext(trial, fields["parent_run_id"], fields["study_name"], fields["metric"],
-                        threading.Event(), tuple(fields["measures"]), fields["prune"],
-                        logs_model=objectives.model_check(study, fields["log_models"] == "all"))
-
-
-OUTCOME = "outcome"  # the trial's user attribute where its job records how it ended
-SLURM_JOB = "slurm_job_id"  # where a SLURM job records its id, for the sweep to see it still runs
-
-
-def run_job(context: TrialContext, train: Callable[[TrialContext], Any]) -> dict[str, float]:
-    """Train the trial and record how it ended on the trial itself, for a sweep whose launcher
-    lost the job's return value (one job of a SLURM array cancelled fails the whole batch)."""
-    if "SLURM_JOB_ID" in os.environ:  # as squeue and scancel name it: 123_4 in an array
-        array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-        context.trial.set_user_attr(SLURM_JOB, "_".join(array) if all(array)
-                                    else os.environ["SLURM_JOB_ID"])
-    try:
-        measured = train(context).measured
-    except optuna.TrialPruned:
-        context.trial.set_user_attr(OUTCOME, {"state": "PRUNED"})
-        raise
-    except Exception as err:
-        context.trial.set_user_attr(OUTCOME, {"state": "FAIL",
-                                              "error": f"{type(err).__name__}: {err}"[:500]})
-        raise
-    context.trial.set_user_attr(OUTCOME, {"state": "COMPLETE", "measured": measured})
-    return measured
-
-
 def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
     """Launch a batch of trials as jobs in other processes (joblib, SLURM), each handed its
-    trial through its overrides (abalone.sweep.launchers), and tell the study how each
+    trial through its overrides (abalone.trial_job), and tell the study how each
     ended. This process owns the trials and beats for them while their jobs run, so a sweep
     that dies leaves them stale, failed and retried on resume; a job lost with its result
     (scancel, a node's failure, the time limit) fails its trial, queues its parameters again and
@@ -220,7 +161,7 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
     start = time.monotonic()
     lost: Exception | None = None
     reason = ""
-    interval = slots.heartbeat_interval(sweep.settings.stale_after)
+    interval = heartbeat_interval(sweep.settings.stale_after)
     beats = [slots.Heartbeat(sweep.study, trial, interval).__enter__() for trial in trials]
     try:
         try:

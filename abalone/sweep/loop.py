@@ -28,11 +28,12 @@ from optuna.trial import TrialState
 from abalone import dataset, interrupts, tracking
 from abalone.config import AbaloneError, ConfigError, check_option, check_ranges
 from abalone.redact import redact_files
+from abalone.study.storage import heartbeat_interval, make_storage
+from abalone.study.trials import make_pruner, model_check
 from abalone.sweep import coordinator, launchers, objectives, report, slots, space
-from abalone.sweep.algorithms import make_pruner, make_sampler, process_rank
+from abalone.sweep.algorithms import make_sampler, process_rank
 from abalone.sweep.lock import study_lock
 from abalone.sweep.plan import SweepPlan, make_plan, open_study
-from abalone.sweep.storage import make_storage
 from abalone.tracking import sweep_runs
 from abalone.trial import ACTIVE_TRIAL, PARENT_ENV, RANK_ENV, TrialContext
 from abalone.workers import thread_share
@@ -335,12 +336,12 @@ class Sweep:
         context = TrialContext(
             trial, self.parent_run_id, self.plan.study_name, self.plan.metrics[0],
             self.interrupted, self.plan.measures, self.plan.prune,
-            logs_model=objectives.model_check(self.study, self.plan.log_models == "all"))
+            logs_model=model_check(self.study, self.plan.log_models == "all"))
         token = ACTIVE_TRIAL.set(context)
         start = time.monotonic()
         try:
             with slots.Heartbeat(self.study, trial,
-                                 slots.heartbeat_interval(self.settings.stale_after)):
+                                 heartbeat_interval(self.settings.stale_after)):
                 (job,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
         except KeyboardInterrupt:
             slots.fail_and_retry(self.study, trial)

@@ -12,9 +12,9 @@ from mlflow.entities import Metric, RunTag
 from optuna.trial import FrozenTrial, TrialState
 
 from abalone.config import AbaloneError
+from abalone.study.trials import WARM_START_OF, candidates
 from abalone.sweep import objectives, slots
 from abalone.sweep.lock import study_lock
-from abalone.sweep.space import WARM_START_OF
 from abalone.tracking import sweep_runs, where_to_look
 from abalone.tracking.registry import IDENTITY
 from abalone.trial import BEST_OBJECTIVE
@@ -35,7 +35,7 @@ def _short(value: Any) -> str:
 
 def best(sweep):
     """(the Pareto front of the study's own feasible COMPLETE trials, the champion)."""
-    front = objectives.pareto_front(objectives.candidates(sweep.study), sweep.plan.directions)
+    front = objectives.pareto_front(candidates(sweep.study), sweep.plan.directions)
     return front, objectives.champion(front, sweep.plan.directions)
 
 
@@ -146,7 +146,7 @@ def finish(sweep) -> None:
         feasible = " feasible" if tally["COMPLETE"] else ""
         raise AbaloneError(f"study {plan.study_name!r} has no{feasible} COMPLETE trial; "
                            "nothing to register")
-    print_table(plan, objectives.candidates(study), front)
+    print_table(plan, candidates(study), front)
     if not client:
         return
     run_id = champion.user_attrs["mlflow_run_id"]
