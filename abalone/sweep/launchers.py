@@ -34,6 +34,7 @@ from abalone.study.trials import model_check
 from abalone.sweep import slots
 from abalone.sweep.state import LauncherKind, SweepState
 from abalone.tracking import sweep_runs
+from abalone.tracking.store import local_store
 from abalone.trial import ACTIVE_TRIAL, TrialContext
 from abalone.trial_job import OUTCOME, SLURM_JOB, trial_override
 
@@ -101,9 +102,8 @@ def _check_shared(kind: LauncherKind, launcher_cfg: DictConfig, storage: str,
                 f"hydra.launcher.submitit_folder={launcher_cfg.submitit_folder}, the folder the "
                 f"cluster's nodes share with this one; put the journal file there or use "
                 "PostgreSQL (hydra.sweeper.storage=postgresql+psycopg2://USER@HOST/DB)")
-    uri = tracking_cfg.uri or ""
-    if tracking_cfg.enabled and not (tracking_cfg.arn or tracking_cfg.server_name) and (
-            "://" not in uri or uri.startswith(("sqlite:", "file:"))):
+    uri = local_store(tracking_cfg)
+    if uri is not None:
         raise ConfigError(f"tracking.uri={redact(uri)} is a store in a file, which jobs of "
                           f"hydra/launcher={kind.name} on other hosts cannot write to at once; "
                           "use an MLflow server they reach (tracking=server "
