@@ -31,8 +31,6 @@ from abalone.tracking import records
 from abalone.trial import TrialContext, kept_value
 
 log = logging.getLogger(__name__)
-# Rows in the batch whose prediction time `predict_seconds` measures.
-PREDICT_BATCH = 256
 _FIT_PATH_REFUSALS: set[str] = set()  # said once per process
 # Each Keras model built leaves ~0.7 MiB behind in Keras's and TensorFlow's global state until
 # keras.backend.clear_session(), which also costs the compiled programs ~0.5 s each to set up
@@ -102,21 +100,6 @@ def build_model(cfg: DictConfig, ds: dataset.Dataset, keras):
                   steps_per_execution=cfg.trainer.steps_per_execution or steps_per_epoch,
                   jit_compile=keras.backend.backend() != "tensorflow")
     return model
-
-
-def model_properties(model, rows: dict, keras) -> dict[str, float]:
-    """What a sweep may optimise or constrain besides validation metrics: the parameter count,
-    and the median seconds of one prediction on PREDICT_BATCH rows on this machine (after a
-    warm-up call; a direct call, as serving makes)."""
-    batch = {name: column[:PREDICT_BATCH] for name, column in rows.items()}
-    keras.ops.convert_to_numpy(model(batch, training=False))
-    seconds = []
-    for _ in range(5):
-        start = time.perf_counter()
-        keras.ops.convert_to_numpy(model(batch, training=False))
-        seconds.append(time.perf_counter() - start)
-    return {"params_count": float(model.count_params()),
-            "predict_seconds": sorted(seconds)[len(seconds) // 2]}
 
 
 # -- the four phases ------------------------------------------------------------------------
@@ -201,6 +184,8 @@ def evaluate_run(ready: Prepared, history: dict, chooser, fit_seconds: float,
     """Held-out metrics and model properties of the weights kept (`chooser`: fit's
     `BestEpoch`), and the epochs kept and best; in a sweep, each value the trial is measured by
     and whether it logs its model. Returns (the result, the test predictions)."""
+    from abalone.model import model_properties
+
     keras, model = ready.keras, ready.model
     kept = chooser.kept_epoch
     # A direct call: model.predict would trace yet another function for a single batch.

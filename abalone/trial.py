@@ -23,7 +23,7 @@ TRIAL_ENV = "ABALONE_TRIAL"
 # runs table by them ranks trials as the sweep did, and the parent does not sort among them.
 OBJECTIVE = "objective"
 BEST_OBJECTIVE = "best_objective"
-# Model properties every run measures (abalone.train.model_properties): objectives and
+# Model properties every run measures (abalone.model.model_properties): objectives and
 # constraints beside the validation metrics Keras logs.
 MEASURED = ("params_count", "predict_seconds")
 
