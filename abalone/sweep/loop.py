@@ -149,7 +149,7 @@ class Sweep:
         self.state = SweepState(
             s, self.plan, self.study, storage, self.launcher, self.launcher_kind,
             self.interrupted, self.sweep_dir, self.tracking_cfg, self.client, self.experiment_id,
-            self.parent_run_id, self.end_stale_run)
+            self.parent_run_id)
 
     def check_trial_configs(self) -> None:
         """Compose trials' configs before the study exists: a key of the search space the
@@ -178,13 +178,6 @@ class Sweep:
                                                    self.plan.study_name)
             sweep_runs.end_trial_runs(self.client, [run_id for number, run_id in running.items()
                                                     if number in failed])
-
-    def end_stale_run(self, trial) -> None:
-        log.warning("trial %d was left RUNNING by a process that is gone: marked FAIL, its "
-                    "parameters queued again", trial.number)
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if self.client and run_id:
-            sweep_runs.end_trial_runs(self.client, [run_id])
 
     # -- the sweep ----------------------------------------------------------------------------
 
@@ -227,7 +220,7 @@ class Sweep:
         self.run_trials()
         self.workers.wait()
         # A trial process that died left its trial RUNNING: fail it, retry it here.
-        slots.fail_stale_trials(self.study, self.settings.stale_after, self.end_stale_run)
+        slots.fail_stale_trials(self.study, self.settings.stale_after, self.state.end_stale_run)
         self.run_trials()
         failed = [f"{name} {state}" for name, state in self.workers.poll().items()
                   if state.startswith("failed")]
@@ -250,10 +243,10 @@ class Sweep:
         failures = 0
         n_trials = self.plan.n_trials
         while slots.work_left(self.study, n_trials) or slots.wait_out_unmarked(
-                self.study, self.settings.stale_after, self.end_stale_run):
+                self.study, self.settings.stale_after, self.state.end_stale_run):
             if self.interrupted.is_set():  # a Ctrl-C lost after the last trial's training
                 raise KeyboardInterrupt
-            slots.fail_stale_trials(self.study, self.settings.stale_after, self.end_stale_run)
+            slots.fail_stale_trials(self.study, self.settings.stale_after, self.state.end_stale_run)
             if not slots.work_left(self.study, n_trials) or self.stopped():
                 break
             batch = self.ask_batch()

@@ -5,15 +5,19 @@ whole `Sweep` of abalone/sweep/loop.py."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from omegaconf import DictConfig
 
 from abalone.sweep.plan import SweepPlan
+from abalone.tracking import sweep_runs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,5 +43,12 @@ class SweepState:
     client: Any  # an MlflowClient, or None with tracking.enabled=false
     experiment_id: str | None
     parent_run_id: str | None
-    # Ends the MLflow run of a trial a gone process left RUNNING (abalone.sweep.slots).
-    end_stale_run: Callable[[optuna.trial.FrozenTrial], None]
+
+    def end_stale_run(self, trial) -> None:
+        """End the MLflow run of a trial a gone process left RUNNING (abalone.sweep.slots fails
+        the trial and queues its parameters again)."""
+        log.warning("trial %d was left RUNNING by a process that is gone: marked FAIL, its "
+                    "parameters queued again", trial.number)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if self.client and run_id:
+            sweep_runs.end_trial_runs(self.client, [run_id])
