@@ -2,12 +2,13 @@
 
 The model owns its preprocessing (normalisation with statistics of the training rows, one-hot
 categories: `TableInputs`), so a saved model takes raw values; its head, loss and metrics fit the
-task (`compile_arguments`). Keras 3 only: no TensorFlow imports, so the
-same code runs under KERAS_BACKEND=jax.
+task (`compile_arguments`); a run measures a built model's size and speed (`model_properties`).
+Keras 3 only: no TensorFlow imports, so the same code runs under KERAS_BACKEND=jax.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import keras
@@ -236,3 +237,22 @@ def build_optimizer(name: str, lr: float, weight_decay: float, momentum: float, 
     if name is OptimizerName.sgd:
         return keras.optimizers.SGD(learning_rate, momentum=momentum, weight_decay=decay)
     return keras.optimizers.Adam(learning_rate, weight_decay=decay)
+
+
+# Rows in the batch whose prediction time `predict_seconds` measures.
+PREDICT_BATCH = 256
+
+
+def model_properties(model, rows: dict, keras) -> dict[str, float]:
+    """What a sweep may optimise or constrain besides validation metrics: the parameter count,
+    and the median seconds of one prediction on PREDICT_BATCH rows on this machine (after a
+    warm-up call; a direct call, as serving makes)."""
+    batch = {name: column[:PREDICT_BATCH] for name, column in rows.items()}
+    keras.ops.convert_to_numpy(model(batch, training=False))
+    seconds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        keras.ops.convert_to_numpy(model(batch, training=False))
+        seconds.append(time.perf_counter() - start)
+    return {"params_count": float(model.count_params()),
+            "predict_seconds": sorted(seconds)[len(seconds) // 2]}

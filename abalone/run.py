@@ -20,21 +20,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import optuna
 from hydra.utils import instantiate
-from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
 
 from abalone import aws, data, dataset, evaluate, interrupts, outputs, tracking
 from abalone.config import ConfigError, check_ranges
 from abalone.keras_setup import import_keras, seed_randomness
-from abalone.redact import redact
-from abalone.trial import OBJECTIVE, TrialContext, kept_value
+from abalone.tracking import records
+from abalone.trial import TrialContext, kept_value
 
 log = logging.getLogger(__name__)
-# Rows in the batch whose prediction time `predict_seconds` measures.
-PREDICT_BATCH = 256
 _FIT_PATH_REFUSALS: set[str] = set()  # said once per process
 # Each Keras model built leaves ~0.7 MiB behind in Keras's and TensorFlow's global state until
 # keras.backend.clear_session(), which also costs the compiled programs ~0.5 s each to set up
@@ -104,21 +100,6 @@ def build_model(cfg: DictConfig, ds: dataset.Dataset, keras):
                   steps_per_execution=cfg.trainer.steps_per_execution or steps_per_epoch,
                   jit_compile=keras.backend.backend() != "tensorflow")
     return model
-
-
-def model_properties(model, rows: dict, keras) -> dict[str, float]:
-    """What a sweep may optimise or constrain besides validation metrics: the parameter count,
-    and the median seconds of one prediction on PREDICT_BATCH rows on this machine (after a
-    warm-up call; a direct call, as serving makes)."""
-    batch = {name: column[:PREDICT_BATCH] for name, column in rows.items()}
-    keras.ops.convert_to_numpy(model(batch, training=False))
-    seconds = []
-    for _ in range(5):
-        start = time.perf_counter()
-        keras.ops.convert_to_numpy(model(batch, training=False))
-        seconds.append(time.perf_counter() - start)
-    return {"params_count": float(model.count_params()),
-            "predict_seconds": sorted(seconds)[len(seconds) // 2]}
 
 
 # -- the four phases ------------------------------------------------------------------------
@@ -203,6 +184,8 @@ def evaluate_run(ready: Prepared, history: dict, chooser, fit_seconds: float,
     """Held-out metrics and model properties of the weights kept (`chooser`: fit's
     `BestEpoch`), and the epochs kept and best; in a sweep, each value the trial is measured by
     and whether it logs its model. Returns (the result, the test predictions)."""
+    from abalone.model import model_properties
+
     keras, model = ready.keras, ready.model
     kept = chooser.kept_epoch
     # A direct call: model.predict would trace yet another function for a single batch.
@@ -249,18 +232,14 @@ def record(cfg: DictConfig, ready: Prepared, history: dict, result: RunResult, p
         log.info("outputs uploaded to %s", result.s3_location)
     if not run.run_id:
         return
-    # One request for the held-out metrics and the tags. A trial's optuna.state is overwritten
-    # (FAIL) should logging its model fail.
-    now = int(time.time() * 1000)
-    metrics = [Metric(key, value, now, 0) for key, value in result.metrics.items()]
-    tags = [RunTag("output.s3_location", result.s3_location)] if result.s3_location else []
+    # A trial's optuna.state is overwritten (FAIL) should logging its model fail.
+    tags = {"output.s3_location": result.s3_location} if result.s3_location else {}
     if trial:
-        metrics.append(Metric(OBJECTIVE, result.objective, now, result.objective_epoch))
-        tags.append(RunTag("optuna.state", "COMPLETE"))
-    run.client.log_batch(run.run_id, metrics=metrics, tags=tags)
-    mlflow.log_artifact(str(config_path))
-    for plot in plots:
-        mlflow.log_artifact(str(plot), artifact_path="plots")
+        tags["optuna.state"] = "COMPLETE"
+    records.log_results(run, result.metrics, tags,
+                        (result.objective, result.objective_epoch) if trial else None)
+    records.log_files([config_path])
+    records.log_files(plots, "plots")
     if keras_path is None:
         return
     model_uri = tracking.log_model(keras_path, ready.data.splits.test[ready.data.columns],
@@ -280,10 +259,10 @@ def record_stop(cfg: DictConfig, history: dict, output_dir: Path, trial: TrialCo
     far (a pruned trial's curves are its per-epoch metrics, which MLflow charts itself)."""
     # A Ctrl-C may land between History's record of an epoch and the logger's: count the epochs
     # the run holds (its logger has sent them all by now).
-    epochs = len(run.client.get_metric_history(run.run_id, "loss") if run.logger
-                 else history.get("loss", []))
+    epochs = records.epochs_logged(run) if run.logger else len(history.get("loss", []))
     after = f"after {epochs} epoch{'s' * (epochs != 1)}"
     pruned = trial is not None and isinstance(error, optuna.TrialPruned) and not interrupted
+    objective = None
     if interrupted:
         note = f"Interrupted ({interrupts.cause()}) {after}."
         if trial:
@@ -292,15 +271,15 @@ def record_stop(cfg: DictConfig, history: dict, output_dir: Path, trial: TrialCo
         value = history[trial.metric][-1]
         note = (f"Pruned at epoch {epochs} with {trial.metric} {value:.4f}: the pruner "
                 f"found it unpromising against the earlier trials at that epoch.")
-        mlflow.log_metric(OBJECTIVE, value, step=epochs)
+        objective = value, epochs
     else:
         note = f"Failed {after}: {type(error).__name__}: {error}"
-    mlflow.set_tag("mlflow.note.content", note)
+    records.log_stop(note, objective)
     if not interrupted:
-        mlflow.log_artifact(str(outputs.save_config(cfg, output_dir)))
+        records.log_files([outputs.save_config(cfg, output_dir)])
         if epochs and not pruned:
-            mlflow.log_artifact(str(evaluate.save_learning_curves(
-                history, output_dir / "plots")), artifact_path="plots")
+            records.log_files([evaluate.save_learning_curves(history, output_dir / "plots")],
+                              "plots")
 
 
 def open_run(cfg: DictConfig, ready: Prepared, history: dict, output_dir: Path,
@@ -351,8 +330,7 @@ def run_training(cfg: DictConfig, output_dir: Path, trial: TrialContext | None =
             if run.run_id and trial:
                 trial.trial.set_user_attr("mlflow_run_id", run.run_id)
             elif run.run_id:
-                log.info("MLflow run %s in experiment %r at %s", run.run_id,
-                         cfg.tracking.experiment, redact(mlflow.get_tracking_uri()))
+                records.say_where(run.run_id, cfg.tracking.experiment)
             if run.run_id:
                 tracking.log_datasets(ready.data.splits, ready.data.source, ready.data.sha256,
                                       ready.data.target)

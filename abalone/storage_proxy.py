@@ -18,7 +18,7 @@ import optuna
 
 from abalone.redact import redact
 from abalone.sweep.lock import quiet_marker_studies
-from abalone.sweep.storage import make_storage
+from abalone.study.storage import make_storage
 
 
 def main(argv: list[str] | None = None) -> None:

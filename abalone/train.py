@@ -107,7 +107,7 @@ def main(cfg: DictConfig) -> float | dict[str, float] | None:
 
         encoded = os.environ.get(trial_contract.TRIAL_ENV)
         if trial is None and encoded:  # a trial launched in another process (joblib, SLURM)
-            from abalone.sweep.launchers import open_context, run_job
+            from abalone.trial_job import open_context, run_job
 
             return run_job(open_context(encoded, cfg.trainer.epochs),
                            lambda context: run_training(cfg, output_dir, context, choices))

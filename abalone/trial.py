@@ -16,14 +16,14 @@ from abalone.config import ConfigError
 PARENT_ENV = "ABALONE_SWEEP_PARENT_RUN_ID"  # set for workers: extra processes, containers
 RANK_ENV = "ABALONE_SWEEP_WORKER_RANK"  # 1.. for workers, so their samplers differ
 # A job of a launcher that runs trials in other processes (joblib, SLURM) finds its trial here
-# (abalone.sweep.launchers: trial_override, open_context).
+# (abalone.trial_job: trial_override, open_context).
 TRIAL_ENV = "ABALONE_TRIAL"
 # Metric names: a trial's objective (the sweep's metric for the weights it keeps, or the value it
 # was pruned at), and the parent run's best objective so far. Names of their own, so sorting the
 # runs table by them ranks trials as the sweep did, and the parent does not sort among them.
 OBJECTIVE = "objective"
 BEST_OBJECTIVE = "best_objective"
-# Model properties every run measures (abalone.train.model_properties): objectives and
+# Model properties every run measures (abalone.model.model_properties): objectives and
 # constraints beside the validation metrics Keras logs.
 MEASURED = ("params_count", "predict_seconds")
 

@@ -181,7 +181,7 @@ def load_study(storage: str):
     """The one study in `storage` (a journal file's path or a database URL), as abalone opens it."""
     import optuna
 
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     (summary,) = optuna.get_all_study_summaries(make_storage(storage))
     return optuna.load_study(study_name=summary.study_name, storage=make_storage(storage))

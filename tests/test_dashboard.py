@@ -13,7 +13,7 @@ from importlib.metadata import version
 import optuna
 import pytest
 
-from abalone.sweep.storage import make_storage
+from abalone.study.storage import make_storage
 from conftest import TINY, free_port, run_cli, stop, wait_for_http
 from venvs import side_venv
 

@@ -211,7 +211,7 @@ OPEN = """
 import sys, time
 import mlflow, optuna
 from abalone.sweep.lock import study_lock
-from abalone.sweep.storage import make_storage
+from abalone.study.storage import make_storage
 from abalone.tracking import sweep_runs
 
 journal, url, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -234,7 +234,7 @@ def test_hosts_opening_one_study_at_once_queue_each_point_and_elect_one_parent(t
 
     import optuna
 
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     journal = str(tmp_path / "study.journal")
     start = time.time() + 8  # past every process's imports

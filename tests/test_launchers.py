@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from abalone.sweep.storage import make_storage
+from abalone.study.storage import make_storage
 from conftest import CLI_TIMEOUT, load_study, poll, run_cli, scrubbed_environ, sweep_runs
 from test_sweeps import MODEL, SMALL, assert_total_honoured
 

@@ -25,7 +25,7 @@ from test_aws import allows
 
 from abalone import aws
 from abalone.config import ConfigError
-from abalone.sweep.storage import make_storage
+from abalone.study.storage import make_storage
 from abalone.workers import SageMakerWorkers
 
 # The image URI of requests nothing runs (the test that runs its jobs uses the session's image).

@@ -44,7 +44,7 @@ def in_torch_venv(code: str) -> str:
 
 
 def load(tmp_path, name: str) -> optuna.Study:
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     return optuna.load_study(study_name=name, storage=make_storage(str(tmp_path / "s.journal")))
 

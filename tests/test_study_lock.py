@@ -99,7 +99,7 @@ def test_a_marker_left_by_a_dead_holder_is_broken_after_stale_after():
 HOLD = """
 import sys, time
 from abalone.sweep.lock import study_lock
-from abalone.sweep.storage import make_storage
+from abalone.study.storage import make_storage
 with study_lock(make_storage(sys.argv[1]), "s.parent-run"):
     print("held", flush=True)
     time.sleep(600)
@@ -109,7 +109,7 @@ with study_lock(make_storage(sys.argv[1]), "s.parent-run"):
 def killed_holder_leaves_no_lock(storage_setting: str) -> float:
     """A process takes the lock and is killed with SIGKILL while it holds it: the seconds this
     process then takes to get the lock."""
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     holder = subprocess.Popen([sys.executable, "-c", HOLD, storage_setting], cwd=REPO,
                               stdout=subprocess.PIPE, text=True)
@@ -139,7 +139,7 @@ def test_a_killed_holder_of_a_journal_file_lock_leaves_none_behind(tmp_path):
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_postgresql_locks_with_an_advisory_lock_its_killed_holder_loses(postgres_url):
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     storage = make_storage(postgres_url)
     assert isinstance(lock_for(storage, "s.parent-run"), AdvisoryLock)

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from abalone.config import ConfigError
 from abalone import accidents
+from abalone.study.trials import WARM_START_OF, candidates, model_check
 from abalone.sweep import algorithms, objectives, plan, slots, space
 from abalone.sweep.coordinator import worker_argv
 from hydra_plugins.abalone_optuna_sweeper.config import AbaloneOptunaSweeperConf, SamplerConf
@@ -102,7 +103,7 @@ def study_of(values: list[list[float]], directions: list[str], constraints=None)
 def test_pareto_front_and_champion():
     study = study_of([[2.0, 10.0], [1.0, 20.0], [3.0, 5.0], [2.5, 12.0], [1.0, 20.0]],
                      ["minimize", "minimize"])
-    front = objectives.pareto_front(objectives.candidates(study), ["minimize", "minimize"])
+    front = objectives.pareto_front(candidates(study), ["minimize", "minimize"])
     assert sorted(t.number for t in front) == [0, 1, 2, 4]  # 3 is dominated by 0
     champion = objectives.champion(front, ["minimize", "minimize"])
     assert champion.number == 1  # best first metric; the lower number breaks the tie with 4
@@ -114,19 +115,19 @@ def test_pareto_front_and_champion():
 def test_infeasible_and_copied_trials_never_become_champion():
     study = study_of([[1.0], [2.0], [3.0]], ["minimize"], constraints=[[5.0], [0.0], [-1.0]])
     study.add_trial(optuna.trial.create_trial(values=[0.5], user_attrs={
-        space.WARM_START_OF: "other#0"}))
-    assert [t.number for t in objectives.candidates(study)] == [1, 2]
+        WARM_START_OF: "other#0"}))
+    assert [t.number for t in candidates(study)] == [1, 2]
 
 
 @pytest.mark.parametrize("direction", ["minimize", "maximize"])
 def test_the_model_check_logs_only_a_best_so_far(direction):
     study = study_of([[2.0], [3.0]], [direction])
-    check = objectives.model_check(study, every_model=False)
+    check = model_check(study, every_model=False)
     better, worse = (1.0, 4.0) if direction == "minimize" else (4.0, 1.0)
     assert check(better) and not check(worse)
     assert check(2.0 if direction == "minimize" else 3.0)  # a tie logs too
-    assert objectives.model_check(study, every_model=True)(worse)
-    assert objectives.model_check(optuna.create_study(direction=direction), False)(worse)
+    assert model_check(study, every_model=True)(worse)
+    assert model_check(optuna.create_study(direction=direction), False)(worse)
 
 
 def test_no_improvement_stops_after_patience_trials_without_a_better_value():
@@ -161,7 +162,7 @@ def test_slots_count_retries_once_and_skip_surplus_and_copies():
     interrupted = study.ask({"x": FloatDistribution(0, 1)})
     slots.fail_and_retry(study, interrupted)
     study.add_trial(optuna.trial.create_trial(values=[0.1], user_attrs={
-        space.WARM_START_OF: "other#3"}))
+        WARM_START_OF: "other#3"}))
     trials = study.get_trials(deepcopy=False)
     (retry,) = [t for t in trials if t.state == TrialState.WAITING]
     assert slots.retried_number(retry) == interrupted.number
@@ -201,7 +202,7 @@ def test_a_trial_no_process_marked_is_failed_and_queued_again_once_it_has_aged(t
     """A process that died (or lost the database's reply) between ask and mark_owner leaves a
     RUNNING trial that Optuna's heartbeat never fails (it has no beat): it would hold its slot
     for ever, and a rerun would end 'complete' with a trial short."""
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path / 'study.db'}",
                                                      stale_after=600))
@@ -282,7 +283,7 @@ def test_a_transport_fault_is_told_from_a_trial_s_own_error():
 
 
 def test_optuna_s_heartbeat_fails_a_silent_trial_of_a_database_storage(tmp_path):
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}", stale_after=3)
     study = optuna.create_study(storage=storage)
@@ -406,7 +407,7 @@ def test_a_trial_line_shows_progress_eta_and_a_pruned_trials_value():
     assert [duration_text(s) for s in (42, 185, 7620)] == ["42s", "3m05s", "2h07m"]
     done = [finished_trial(TrialState.COMPLETE, s) for s in (10, 20, 30)]
     pruned = finished_trial(TrialState.PRUNED, 4)
-    copied = finished_trial(TrialState.COMPLETE, 1, **{space.WARM_START_OF: "other"})
+    copied = finished_trial(TrialState.COMPLETE, 1, **{WARM_START_OF: "other"})
     # 4 of 10 count (the warm-start copy does not); median of 10, 20, 30, 4 is 15 s; 6 left, 2 jobs
     assert progress_text([*done, pruned, copied], 10, False, 2) == "4/10  eta 45s"
     assert progress_text([*done, pruned], 10, True, 1) == "4/≤10  eta 1m30s"
@@ -419,9 +420,10 @@ def test_a_trial_line_shows_progress_eta_and_a_pruned_trials_value():
 
 
 def test_each_pruner_is_made_from_its_settings():
+    from abalone.study.trials import make_pruner
     from hydra_plugins.abalone_optuna_sweeper.config import PrunerConf
 
-    made = {name: algorithms.make_pruner(OmegaConf.structured(PrunerConf(name=name)), 30)
+    made = {name: make_pruner(OmegaConf.structured(PrunerConf(name=name)), 30)
             for name in ("median", "hyperband", "successive_halving", "none")}
     assert isinstance(made["median"], optuna.pruners.MedianPruner)
     assert isinstance(made["hyperband"], optuna.pruners.HyperbandPruner)

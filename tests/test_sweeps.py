@@ -267,7 +267,7 @@ def test_the_best_trial_always_passed_the_model_check(direction):
     # sees, then reports. Whatever the interleaving, the study's best trial logged its model.
     import random
 
-    from abalone.sweep.objectives import model_check
+    from abalone.study.trials import model_check
 
     rng = random.Random(0)
     skipped = 0

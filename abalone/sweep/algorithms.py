@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from abalone.config import ConfigError
+from abalone.study.trials import PRUNERS, node_name
 from abalone.sweep.lock import study_lock
 from abalone.sweep.space import grid_values
 
@@ -99,9 +100,6 @@ class NSGAIIISamplerNode(NSGAIISamplerNode):
 SAMPLERS = {"tpe": TPESamplerNode, "random": RandomSamplerNode, "grid": GridSamplerNode,
             "gp": GPSamplerNode, "cmaes": CmaEsSamplerNode, "qmc": QMCSamplerNode,
             "nsgaii": NSGAIISamplerNode, "nsgaiii": NSGAIIISamplerNode}
-PRUNERS = {"median": ("n_startup_trials", "n_warmup_steps"),
-           "hyperband": ("min_resource", "reduction_factor"),
-           "successive_halving": ("min_resource", "reduction_factor"), "none": ()}
 # The settings of hydra.sweeper.sampler (and .pruner) each one takes: what the parent run logs.
 FIXED = {"_target_", "multivariate", "constant_liar", "warn_independent_sampling",
          "warn_asynchronous_seeding"}
@@ -109,10 +107,6 @@ SETTINGS_USED = {**{name: tuple(f.name for f in fields(node) if f.name not in FI
                     for name, node in SAMPLERS.items()}, **PRUNERS}
 # The study's system attribute counting the processes that have run it (`process_rank`).
 PROCESSES = "abalone.processes"
-
-
-def _name(conf) -> str:
-    return str(getattr(conf.name, "value", conf.name))
 
 
 def check_sampler(name: str, space: dict[str, BaseDistribution], n_objectives: int) -> None:
@@ -132,7 +126,7 @@ def check_sampler(name: str, space: dict[str, BaseDistribution], n_objectives: i
 
 def sampler_node(conf) -> DictConfig:
     """The node of the sampler `conf.name` names, with the settings of `conf` it takes."""
-    name = _name(conf)
+    name = node_name(conf)
     settings = OmegaConf.to_container(OmegaConf.create(conf), enum_to_str=True)
     node = OmegaConf.structured(SAMPLERS[name])
     return OmegaConf.merge(node, {key: settings[key] for key in SETTINGS_USED[name]})
@@ -142,7 +136,7 @@ def make_sampler(conf, space: dict[str, BaseDistribution], rank: int,
                  n_objectives: int = 1) -> optuna.samplers.BaseSampler:
     """The configured sampler, its seed offset by the process's rank (`process_rank`) so no two
     processes of a study draw the same sequence."""
-    name = _name(conf)
+    name = node_name(conf)
     check_sampler(name, space, n_objectives)
     node = sampler_node(conf)
     if node.seed is not None:
@@ -167,17 +161,3 @@ def require_torch(setting: str) -> None:
     if importlib.util.find_spec("torch") is None:
         raise ConfigError(f"{setting} needs PyTorch, which is not installed: "
                           "pip install 'abalone[gp]'")
-
-
-def make_pruner(conf, epochs: int) -> optuna.pruners.BasePruner:
-    name = _name(conf)
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=conf.n_startup_trials,
-                                           n_warmup_steps=conf.n_warmup_steps)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=conf.min_resource, max_resource=epochs,
-                                              reduction_factor=conf.reduction_factor)
-    if name == "successive_halving":  # Hyperband's one bracket: ASHA
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=conf.min_resource,
-                                                      reduction_factor=conf.reduction_factor)
-    return optuna.pruners.NopPruner()

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from abalone.config import AbaloneError
 from abalone.sweep import report, slots
+from abalone.sweep.state import SweepState
 from abalone.trial import PARENT_ENV
 from abalone.workers import LocalWorkers, Workers, check_remote, thread_share
 
@@ -26,19 +28,20 @@ REPLACED = ("hydra.sweeper.n_jobs=", "hydra.sweeper.study_name=", "hydra.sweeper
             "hydra.sweep.dir=")
 
 
-def make_workers(sweep, base) -> tuple[str, Workers]:
+def make_workers(config: DictConfig, settings: DictConfig, base: DictConfig,
+                 is_worker: bool) -> tuple[str, Workers]:
     """The option of `workers=...` and its object; remote ones need a storage and tracking
     they reach. A worker process runs trials only: it starts no workers of its own."""
     # For ${hydra:...} in the workers' settings (the launcher sets it only for each job).
-    HydraConfig.instance().set_config(sweep.config)
-    choice = sweep.config.hydra.runtime.choices.get("workers", "local")
-    if sweep.is_worker:
+    HydraConfig.instance().set_config(config)
+    choice = config.hydra.runtime.choices.get("workers", "local")
+    if is_worker:
         return choice, LocalWorkers(0)
     workers = instantiate(base.workers)
     if workers.remote:
-        check_remote(choice, sweep.settings.storage, base.tracking)
+        check_remote(choice, settings.storage, base.tracking)
     else:
-        workers.count = sweep.settings.n_jobs - 1
+        workers.count = settings.n_jobs - 1
     return choice, workers
 
 
@@ -56,8 +59,7 @@ def worker_argv(argv: list[str], study_name: str, storage: str,
     return kept
 
 
-def start_workers(sweep) -> None:
-    workers = sweep.workers
+def start_workers(sweep: SweepState, workers: Workers, choice: str) -> None:
     # A trial a dead process left RUNNING holds its slot until it is failed and queued again:
     # fail it first, or a rerun whose only unfinished trial is one starts no workers.
     slots.fail_stale_trials(sweep.study, sweep.settings.stale_after, sweep.end_stale_run)
@@ -69,11 +71,11 @@ def start_workers(sweep) -> None:
     argv = worker_argv(sys.argv[1:], sweep.plan.study_name, sweep.settings.storage,
                        None if workers.remote else sweep.sweep_dir)
     workers.start(argv, {PARENT_ENV: sweep.parent_run_id or ""})
-    log.info("started %d %s", workers.count, f"{sweep.workers_choice} workers"
+    log.info("started %d %s", workers.count, f"{choice} workers"
              if workers.remote else "more trial processes")
 
 
-def progress(sweep, states: dict[str, str]) -> str:
+def progress(sweep: SweepState, states: dict[str, str]) -> str:
     count = Counter(t.state.name for t in sweep.study.get_trials(deepcopy=False)
                     if not t.user_attrs.get("surplus"))
     running = sum(state == "running" for state in states.values())
@@ -83,12 +85,12 @@ def progress(sweep, states: dict[str, str]) -> str:
             f"of {len(states)}")
 
 
-def follow_workers(sweep) -> None:
+def follow_workers(sweep: SweepState, workers: Workers) -> None:
     """Until every remote worker has ended: fail the trials of workers that are gone, and show a
     line of progress whenever it changes."""
     shown = None
     while True:
-        states = sweep.workers.poll()
+        states = workers.poll()
         slots.fail_stale_trials(sweep.study, sweep.settings.stale_after, sweep.end_stale_run)
         line = progress(sweep, states)
         if line != shown:
@@ -105,7 +107,7 @@ def follow_workers(sweep) -> None:
             f"the workers have ended before study {sweep.plan.study_name!r} was complete ("
             f"{slots.finished_count(sweep.study)} of {sweep.plan.n_trials} trials finished, "
             f"trials {unfinished} unfinished); {'; '.join(failed) or 'none failed'}; their "
-            f"logs: {sweep.workers.logs}. Rerun the same command to resume the study"
+            f"logs: {workers.logs}. Rerun the same command to resume the study"
             + (f"; a RUNNING trial whose worker is gone is retried once its heartbeat is "
                f"hydra.sweeper.stale_after={sweep.settings.stale_after} s old"
                if unfinished else "") + ".")

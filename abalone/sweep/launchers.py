@@ -7,23 +7,20 @@ this machine) and submitit's SLURM launcher (`hydra/launcher=submitit_slurm`, jo
 run a batch of trials in other processes: each job gets its trial as a Hydra override,
 `hydra.job.env_set.ABALONE_TRIAL=...`, which Hydra's `run_job` turns into an environment
 variable inside the job, whatever launcher ran it; `abalone.train` then rebuilds the context from
-the shared study (`open_context`). Any other launcher is refused before the study or the parent
+the shared study (abalone.trial_job). Any other launcher is refused before the study or the parent
 run exists: we have not seen its jobs through, and a job that does not get its trial would train
 and register as a plain run.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 import optuna
 from hydra.core.utils import JobStatus
@@ -32,18 +29,16 @@ from optuna.trial import TrialState
 
 from abalone.config import AbaloneError, ConfigError
 from abalone.redact import redact
-from abalone.sweep import report, slots, space
+from abalone.study.storage import heartbeat_interval
+from abalone.study.trials import model_check
+from abalone.sweep import slots
+from abalone.sweep.state import LauncherKind, SweepState
 from abalone.tracking import sweep_runs
-from abalone.trial import TRIAL_ENV, TrialContext
+from abalone.tracking.store import local_store
+from abalone.trial import ACTIVE_TRIAL, TrialContext
+from abalone.trial_job import OUTCOME, SLURM_JOB, trial_override
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LauncherKind:
-    name: str  # as the user selects it: hydra/launcher=NAME
-    in_process: bool  # the trial runs in the sweeping process (the context travels in memory)
-    same_machine: bool  # its jobs run on this machine (file storages and MLflow stores work)
 
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -107,9 +102,8 @@ def _check_shared(kind: LauncherKind, launcher_cfg: DictConfig, storage: str,
                 f"hydra.launcher.submitit_folder={launcher_cfg.submitit_folder}, the folder the "
                 f"cluster's nodes share with this one; put the journal file there or use "
                 "PostgreSQL (hydra.sweeper.storage=postgresql+psycopg2://USER@HOST/DB)")
-    uri = tracking_cfg.uri or ""
-    if tracking_cfg.enabled and not (tracking_cfg.arn or tracking_cfg.server_name) and (
-            "://" not in uri or uri.startswith(("sqlite:", "file:"))):
+    uri = local_store(tracking_cfg)
+    if uri is not None:
         raise ConfigError(f"tracking.uri={redact(uri)} is a store in a file, which jobs of "
                           f"hydra/launcher={kind.name} on other hosts cannot write to at once; "
                           "use an MLflow server they reach (tracking=server "
@@ -135,102 +129,57 @@ def batch_size(launcher_cfg: DictConfig) -> int:
     return 1
 
 
-# -- the trial, from the sweep to its job ---------------------------------------------------
+def launch(sweep: SweepState, trials: list[optuna.Trial],
+           overrides: list[list[str]]) -> tuple[list, str | None]:
+    """The launcher's job of each trial (None for one it lost) while this process beats for
+    them, and why the launcher lost any (None if it lost none). A Ctrl-C fails each trial still
+    running and queues its parameters again."""
+    if sweep.launcher_kind.in_process:
+        return [_launch_here(sweep, trials[0], overrides[0])], None
+    return _launch_jobs(sweep, trials, overrides)
 
 
-def trial_override(fields: dict[str, Any]) -> str:
-    """The override that hands a job its trial: URL-safe base64 of JSON, so no quote, comma or
-    `${` of a study name can reach Hydra's grammar or OmegaConf's interpolation. A Hydra key
-    (`++`: added beside the user's own env_set), so it is in no job folder's name or params."""
-    encoded = base64.urlsafe_b64encode(json.dumps(fields).encode()).decode()
-    return f"++hydra.job.env_set.{TRIAL_ENV}='{encoded}'"
-
-
-def open_context(encoded: str, epochs: int) -> TrialContext:
-    """In the job: its trial, on the study the sweep shares (for each epoch's report and the
-    pruner's verdict), and the rule for logging its model. A job stops on its own SIGINT or
-    SIGTERM; the sweep's Ctrl-C event cannot reach another process."""
-    from abalone.sweep import objectives
-    from abalone.sweep.algorithms import make_pruner
-    from abalone.sweep.storage import make_storage
-
-    fields = json.loads(base64.urlsafe_b64decode(encoded))
-    storage = make_storage(fields["storage"], fields["storage_password_secret"])
-    pruner = (make_pruner(OmegaConf.create(fields["pruner"]), epochs) if fields["prune"]
-              else optuna.pruners.NopPruner())
-    study = optuna.load_study(study_name=fields["study_name"], storage=storage, pruner=pruner)
-    trial = optuna.Trial(study, fields["trial_id"])
-    if trial.number != fields["trial_number"]:
-        raise ConfigError(f"{TRIAL_ENV} names trial {fields['trial_number']}, but trial id "
-                          f"{fields['trial_id']} of study {fields['study_name']} is trial "
-                          f"{trial.number}")
-    return TrialContext(trial, fields["parent_run_id"], fields["study_name"], fields["metric"],
-                        threading.Event(), tuple(fields["measures"]), fields["prune"],
-                        logs_model=objectives.model_check(study, fields["log_models"] == "all"))
-
-
-OUTCOME = "outcome"  # the trial's user attribute where its job records how it ended
-SLURM_JOB = "slurm_job_id"  # where a SLURM job records its id, for the sweep to see it still runs
-
-
-def run_job(context: TrialContext, train: Callable[[TrialContext], Any]) -> dict[str, float]:
-    """Train the trial and record how it ended on the trial itself, for a sweep whose launcher
-    lost the job's return value (one job of a SLURM array cancelled fails the whole batch)."""
-    if "SLURM_JOB_ID" in os.environ:  # as squeue and scancel name it: 123_4 in an array
-        array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-        context.trial.set_user_attr(SLURM_JOB, "_".join(array) if all(array)
-                                    else os.environ["SLURM_JOB_ID"])
+def _launch_here(sweep: SweepState, trial: optuna.Trial, overrides: list[str]):
+    """The trial's training run in this process, handed its context in memory (ACTIVE_TRIAL)."""
+    context = TrialContext(
+        trial, sweep.parent_run_id, sweep.plan.study_name, sweep.plan.metrics[0],
+        sweep.interrupted, sweep.plan.measures, sweep.plan.prune,
+        logs_model=model_check(sweep.study, sweep.plan.log_models == "all"))
+    token = ACTIVE_TRIAL.set(context)
     try:
-        measured = train(context).measured
-    except optuna.TrialPruned:
-        context.trial.set_user_attr(OUTCOME, {"state": "PRUNED"})
+        with slots.Heartbeat(sweep.study, trial, heartbeat_interval(sweep.settings.stale_after)):
+            (job,) = sweep.launcher.launch([overrides], initial_job_idx=trial.number)
+    except KeyboardInterrupt:
+        slots.fail_and_retry(sweep.study, trial)
         raise
-    except Exception as err:
-        context.trial.set_user_attr(OUTCOME, {"state": "FAIL",
-                                              "error": f"{type(err).__name__}: {err}"[:500]})
-        raise
-    context.trial.set_user_attr(OUTCOME, {"state": "COMPLETE", "measured": measured})
-    return measured
+    finally:
+        ACTIVE_TRIAL.reset(token)
+    if sweep.interrupted.is_set() and job.status is not JobStatus.COMPLETED:
+        slots.fail_and_retry(sweep.study, trial)  # as above: the error a Ctrl-C became
+        raise KeyboardInterrupt
+    return job
 
 
-def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
-    """Launch a batch of trials as jobs in other processes (joblib, SLURM), each handed its
-    trial through its overrides (abalone.sweep.launchers), and tell the study how each
-    ended. This process owns the trials and beats for them while their jobs run, so a sweep
-    that dies leaves them stale, failed and retried on resume; a job lost with its result
-    (scancel, a node's failure, the time limit) fails its trial, queues its parameters again and
-    stops the sweep once the batch's other jobs have ended."""
-    jobs_overrides = []
-    storage = sweep.settings.storage  # a journal file by its absolute path: jobs' folders differ
-    storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
-    for trial in trials:
-        slots.mark_owner(trial)
-        extra = sweep.conditional_overrides(trial) if sweep.plan.custom_space else {}
-        swept = {k: v for k, v in trial.params.items() if k in sweep.plan.space}
-        jobs_overrides.append([
-            *sweep.plan.fixed, *space.trial_overrides({**swept, **extra}),
-            trial_override({
-                "study_name": sweep.plan.study_name, "storage": storage,
-                "storage_password_secret": sweep.settings.storage_password_secret,
-                "trial_id": trial._trial_id, "trial_number": trial.number,
-                "parent_run_id": sweep.parent_run_id, "metric": sweep.plan.metrics[0],
-                "measures": list(sweep.plan.measures), "prune": sweep.plan.prune,
-                "pruner": OmegaConf.to_container(sweep.settings.pruner, resolve=True),
-                "log_models": str(sweep.plan.log_models)})])
-    start = time.monotonic()
-    lost: Exception | None = None
-    reason = ""
-    interval = slots.heartbeat_interval(sweep.settings.stale_after)
+def _launch_jobs(sweep: SweepState, trials: list[optuna.Trial],
+                 overrides: list[list[str]]) -> tuple[list, str | None]:
+    """A batch of trials as jobs in other processes (joblib, SLURM), each handed its trial
+    through its overrides (abalone.trial_job). This process owns the trials and beats for them
+    while their jobs run, so a sweep that dies leaves them stale, failed and retried on resume.
+    submitit gives up on the batch at its first lost job (scancel, a node's failure, the time
+    limit): the batch's other jobs are waited for, and each trial ends as its job recorded."""
+    jobs_overrides = [[*trial_overrides, _job_override(sweep, trial)]
+                      for trial, trial_overrides in zip(trials, overrides)]
+    reason = None
+    interval = heartbeat_interval(sweep.settings.stale_after)
     beats = [slots.Heartbeat(sweep.study, trial, interval).__enter__() for trial in trials]
     try:
         try:
-            jobs = _launch(sweep, trials, jobs_overrides)
-        except Exception as err:  # noqa: BLE001 - the launcher lost a job; see below
+            jobs = _launcher_jobs(sweep, trials, jobs_overrides)
+        except Exception as err:  # noqa: BLE001 - the launcher lost a job; see job_outcome
             log.debug("the launcher lost a job", exc_info=True)
-            lost, jobs = err, [None] * len(trials)
+            jobs = [None] * len(trials)
             # submitit's message goes on with the job's whole error stream: its first sentence.
             reason = " ".join(f"{type(err).__name__}: {err}".split("Error stream")[0].split())
-            # submitit gives up on the batch at its first lost job; its others may still run.
             _wait_for_running_jobs(sweep.study, trials)
     except KeyboardInterrupt:
         for trial in trials:
@@ -240,44 +189,63 @@ def run_batch(sweep, trials: list[optuna.Trial]) -> list[str]:
     finally:
         for beat in beats:
             beat.__exit__()
-    states, retried, seconds = [], [], time.monotonic() - start
-    for trial, job in zip(trials, jobs):
-        measured, error = None, None
-        if job is not None and job.status is JobStatus.COMPLETED:
-            measured = job.return_value
-        elif job is not None:
-            error = job._return_value
-        else:  # what the job recorded before the launcher lost it, if it finished
-            outcome = sweep.study._storage.get_trial(trial._trial_id).user_attrs.get(
-                OUTCOME)
-            if outcome is None:
-                slots.fail_and_retry(sweep.study, trial)
-                run_id = sweep.study._storage.get_trial(trial._trial_id).user_attrs.get(
-                    "mlflow_run_id")
-                if sweep.client and run_id:  # the job could not end it
-                    sweep_runs.end_trial_runs(sweep.client, [run_id])
-                report.trial_line(sweep, trial, "FAIL", None, RuntimeError(
-                    f"its job ended without a result ({reason[:300]}); queued again"), seconds, "")
-                states.append("FAIL")
-                retried.append(trial.number)
-                continue
-            measured = outcome.get("measured")
-            if outcome["state"] == "PRUNED":
-                error = optuna.TrialPruned()
-            elif outcome["state"] == "FAIL":
-                error = RuntimeError(outcome["error"])
-        state, values, note = sweep.tell(trial, measured, error)
-        report.trial_line(sweep, trial, state, values, error, seconds, note)
-        states.append(state)
-    if retried:
+    return jobs, reason
+
+
+def _job_override(sweep: SweepState, trial: optuna.Trial) -> str:
+    storage = sweep.settings.storage  # a journal file by its absolute path: jobs' folders differ
+    storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    return trial_override({
+        "study_name": sweep.plan.study_name, "storage": storage,
+        "storage_password_secret": sweep.settings.storage_password_secret,
+        "trial_id": trial._trial_id, "trial_number": trial.number,
+        "parent_run_id": sweep.parent_run_id, "metric": sweep.plan.metrics[0],
+        "measures": list(sweep.plan.measures), "prune": sweep.plan.prune,
+        "pruner": OmegaConf.to_container(sweep.settings.pruner, resolve=True),
+        "log_models": str(sweep.plan.log_models)})
+
+
+class Outcome(NamedTuple):
+    """How a trial's job ended: what it measured or the error it raised, and whether its trial
+    was already failed and queued again (a job lost without a result)."""
+
+    measured: dict[str, float] | None
+    error: BaseException | None
+    queued_again: bool = False
+
+
+def job_outcome(sweep: SweepState, trial: optuna.Trial, job, lost: str | None) -> Outcome:
+    """The job's return value or error; for a job the launcher lost (`lost`: why), what it
+    recorded on its trial before, or, if it recorded nothing, its trial failed and queued again
+    and its run ended."""
+    if job is not None and job.status is JobStatus.COMPLETED:
+        return Outcome(job.return_value, None)  # {name: value} of trial.measures
+    if job is not None:
+        return Outcome(None, job._return_value)  # the exception the task raised
+    outcome = sweep.study._storage.get_trial(trial._trial_id).user_attrs.get(OUTCOME)
+    if outcome is None:
+        slots.fail_and_retry(sweep.study, trial)
+        run_id = sweep.study._storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
+        if sweep.client and run_id:  # the job could not end it
+            sweep_runs.end_trial_runs(sweep.client, [run_id])
+        return Outcome(None, RuntimeError(f"its job ended without a result ({lost[:300]}); "
+                                          "queued again"), queued_again=True)
+    error = (optuna.TrialPruned() if outcome["state"] == "PRUNED"
+             else RuntimeError(outcome["error"]) if outcome["state"] == "FAIL" else None)
+    return Outcome(outcome.get("measured"), error)
+
+
+def check_lost(sweep: SweepState, queued_again: list[int], lost: str | None) -> None:
+    """Stop the sweep if the launcher lost a job without a result (its trial is queued again);
+    a warning if it lost jobs that had each recorded how they ended."""
+    if queued_again:
         raise AbaloneError(
-            f"hydra/launcher={sweep.launcher_kind.name} lost the job of trial(s) {retried} "
-            f"(scancel, a node's failure or the time limit: {reason[:500]}); they were marked FAIL "
+            f"hydra/launcher={sweep.launcher_kind.name} lost the job of trial(s) {queued_again} "
+            f"(scancel, a node's failure or the time limit: {lost[:500]}); they were marked FAIL "
             "and their parameters queued again: rerun the same command to resume the study")
     if lost is not None:  # each job recorded how it ended: the study knows all
         log.warning("hydra/launcher=%s: %s; every trial of the batch had recorded its outcome",
-                    sweep.launcher_kind.name, reason[:300])
-    return states
+                    sweep.launcher_kind.name, lost[:300])
 
 
 class JobLeftQueue(Exception):
@@ -287,7 +255,8 @@ class JobLeftQueue(Exception):
 JOB_CHECK = 10.0  # seconds between the sweep's own looks at the SLURM queue
 
 
-def _launch(sweep, trials: list[optuna.Trial], jobs_overrides: list[list[str]]) -> list:
+def _launcher_jobs(sweep: SweepState, trials: list[optuna.Trial],
+                   jobs_overrides: list[list[str]]) -> list:
     """The launcher's jobs. submitit learns that a SLURM job ended without a result (scancel, a
     node's failure, the time limit) only from `sacct`, which fails on a cluster without
     accounting (no slurmdbd) and leaves it waiting forever; so beside it the sweep looks at the

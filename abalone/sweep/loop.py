@@ -1,40 +1,41 @@
-"""One process's share of a study: ask a trial, launch its training run through Hydra's
-launcher, tell the study how it ended; and the sweep as a whole, from the plan to the champion.
+"""One process's share of a study: ask a batch of trials (one for the default launcher), run them
+through Hydra's launcher and tell the study how each ended (abalone/sweep/batches.py); and the
+sweep as a whole, from the plan to the champion.
 
 Each trial is composed by Hydra from the fixed overrides plus the sampled parameters and run by
-the configured launcher in this process (TensorFlow stays warm between trials); the training run
-reads its `abalone.trial.TrialContext` from `ACTIVE_TRIAL`. With `n_jobs > 1` or remote workers
-the command also coordinates them (abalone/sweep/coordinator.py); the process that finishes the
-study last reports it and registers the champion (abalone/sweep/report.py).
+the configured launcher, by default in this process (TensorFlow stays warm between trials),
+where the training run reads its `abalone.trial.TrialContext` from `ACTIVE_TRIAL`. With
+`n_jobs > 1` or remote workers the command also coordinates them (abalone/sweep/coordinator.py);
+the process that finishes the study last reports it and registers the champion
+(abalone/sweep/report.py).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 import sqlalchemy.exc
-from hydra.core.utils import JobStatus
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from abalone import dataset, interrupts, tracking
 from abalone.config import AbaloneError, ConfigError, check_option, check_ranges
 from abalone.redact import redact_files
-from abalone.sweep import coordinator, launchers, objectives, report, slots, space
-from abalone.sweep.algorithms import make_pruner, make_sampler, process_rank
+from abalone.study.storage import make_storage
+from abalone.study.trials import make_pruner
+from abalone.sweep import batches, coordinator, launchers, objectives, report, slots, space
+from abalone.sweep.algorithms import make_sampler, process_rank
 from abalone.sweep.lock import study_lock
 from abalone.sweep.plan import SweepPlan, make_plan, open_study
-from abalone.sweep.storage import make_storage
+from abalone.sweep.state import SweepState
 from abalone.tracking import sweep_runs
-from abalone.trial import ACTIVE_TRIAL, PARENT_ENV, RANK_ENV, TrialContext
+from abalone.trial import PARENT_ENV, RANK_ENV
 from abalone.workers import thread_share
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ class Sweep:
             # Before the launcher's processes start; they inherit it (as local workers do).
             for name, threads in thread_share(self.batch).items():
                 os.environ.setdefault(name, threads)
-        self.workers_choice, self.workers = coordinator.make_workers(self, base)
+        self.workers_choice, self.workers = coordinator.make_workers(
+            self.config, s, base, self.is_worker)
         if self.workers.remote and not self.launcher_kind.in_process:
             raise ConfigError(f"workers={self.workers_choice} runs trials with the default "
                               f"launcher in each worker; leave hydra/launcher="
@@ -144,6 +146,10 @@ class Sweep:
                         self.client, self.experiment_id, self.plan.study_name,
                         self.plan.storage_label, self.plan.params(self.workers_choice))
                 self.end_runs_left_running()
+        self.state = SweepState(
+            s, self.plan, self.study, storage, self.launcher, self.launcher_kind,
+            self.interrupted, self.sweep_dir, self.tracking_cfg, self.client, self.experiment_id,
+            self.parent_run_id)
 
     def check_trial_configs(self) -> None:
         """Compose trials' configs before the study exists: a key of the search space the
@@ -173,13 +179,6 @@ class Sweep:
             sweep_runs.end_trial_runs(self.client, [run_id for number, run_id in running.items()
                                                     if number in failed])
 
-    def end_stale_run(self, trial) -> None:
-        log.warning("trial %d was left RUNNING by a process that is gone: marked FAIL, its "
-                    "parameters queued again", trial.number)
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if self.client and run_id:
-            sweep_runs.end_trial_runs(self.client, [run_id])
-
     # -- the sweep ----------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -198,7 +197,7 @@ class Sweep:
             with interrupts.remembered(self.interrupted):  # the running trial stops, and the loop
                 self.run_share()
             if not self.is_worker:
-                report.finish(self)
+                report.finish(self.state)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -214,14 +213,14 @@ class Sweep:
     def run_share(self) -> None:
         """This process's trials, and its workers' (followed, or waited for and their stale
         trials retried here)."""
-        coordinator.start_workers(self)
+        coordinator.start_workers(self.state, self.workers, self.workers_choice)
         if self.workers.remote:
-            coordinator.follow_workers(self)
+            coordinator.follow_workers(self.state, self.workers)
             return
         self.run_trials()
         self.workers.wait()
         # A trial process that died left its trial RUNNING: fail it, retry it here.
-        slots.fail_stale_trials(self.study, self.settings.stale_after, self.end_stale_run)
+        slots.fail_stale_trials(self.study, self.settings.stale_after, self.state.end_stale_run)
         self.run_trials()
         failed = [f"{name} {state}" for name, state in self.workers.poll().items()
                   if state.startswith("failed")]
@@ -244,17 +243,16 @@ class Sweep:
         failures = 0
         n_trials = self.plan.n_trials
         while slots.work_left(self.study, n_trials) or slots.wait_out_unmarked(
-                self.study, self.settings.stale_after, self.end_stale_run):
+                self.study, self.settings.stale_after, self.state.end_stale_run):
             if self.interrupted.is_set():  # a Ctrl-C lost after the last trial's training
                 raise KeyboardInterrupt
-            slots.fail_stale_trials(self.study, self.settings.stale_after, self.end_stale_run)
+            slots.fail_stale_trials(self.study, self.settings.stale_after, self.state.end_stale_run)
             if not slots.work_left(self.study, n_trials) or self.stopped():
                 break
             batch = self.ask_batch()
             if not batch:
                 break
-            states = ([self.run_one(batch[0])] if self.launcher_kind.in_process
-                      else launchers.run_batch(self, batch))
+            states = batches.run_batch(self.state, batch)
             for state in states:
                 if state == "FAIL" and tracking.OUTAGE.given_up:
                     raise AbaloneError(tracking.OUTAGE.given_up)
@@ -309,84 +307,3 @@ class Sweep:
             except Exception as err:  # noqa: BLE001 - the study holds the reason too
                 log.warning("could not tag the parent MLflow run with the stop reason: %s", err)
         return True
-
-    def conditional_overrides(self, trial: optuna.Trial) -> dict[str, Any]:
-        """The custom_search_space function's overrides; it samples more from `trial`."""
-        try:
-            overrides = self.plan.custom_space(trial)
-            if not isinstance(overrides, dict):
-                raise TypeError(f"it must return a dict of config overrides, not "
-                                f"{type(overrides).__name__}")
-        except Exception as err:
-            self.study.tell(trial, state=TrialState.FAIL)
-            raise ConfigError(f"hydra.sweeper.custom_search_space="
-                              f"{self.settings.custom_search_space}: {type(err).__name__}: "
-                              f"{err}") from err
-        return overrides
-
-    def run_one(self, trial: optuna.Trial) -> str:
-        """Launch the trial's training run and tell the study how it ended."""
-        slots.mark_owner(trial)
-        extra = self.conditional_overrides(trial) if self.plan.custom_space else {}
-        # Parameters the custom function sampled are recorded by Optuna; what it returns is
-        # what the trial's config gets.
-        swept = {k: v for k, v in trial.params.items() if k in self.plan.space}
-        overrides = [*self.plan.fixed, *space.trial_overrides({**swept, **extra})]
-        context = TrialContext(
-            trial, self.parent_run_id, self.plan.study_name, self.plan.metrics[0],
-            self.interrupted, self.plan.measures, self.plan.prune,
-            logs_model=objectives.model_check(self.study, self.plan.log_models == "all"))
-        token = ACTIVE_TRIAL.set(context)
-        start = time.monotonic()
-        try:
-            with slots.Heartbeat(self.study, trial,
-                                 slots.heartbeat_interval(self.settings.stale_after)):
-                (job,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
-        except KeyboardInterrupt:
-            slots.fail_and_retry(self.study, trial)
-            raise
-        finally:
-            ACTIVE_TRIAL.reset(token)
-        if self.interrupted.is_set() and job.status is not JobStatus.COMPLETED:
-            slots.fail_and_retry(self.study, trial)  # as above: the error a Ctrl-C became
-            raise KeyboardInterrupt
-        measured, error = None, None
-        if job.status is JobStatus.COMPLETED:
-            measured = job.return_value  # {name: value} of trial.measures
-        else:
-            error = job._return_value  # the exception the task raised
-        state, values, note = self.tell(trial, measured, error)
-        report.trial_line(self, trial, state, values, error, time.monotonic() - start, note)
-        return state
-
-    def tell(self, trial: optuna.Trial, measured: dict[str, float] | None,
-             error: BaseException | None) -> tuple[str, list[float] | None, str]:
-        """Record how the trial ended in the study: (state, its values, a note)."""
-        values = [measured[m] for m in self.plan.metrics] if measured else None
-        if isinstance(error, optuna.TrialPruned):
-            self.study.tell(trial, state=TrialState.PRUNED)
-            return "PRUNED", values, ""
-        if error is not None or not values or not all(math.isfinite(v) for v in values):
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
-            fault = slots.transport_fault(error)
-            if fault:  # its parameters were not judged: run them again (abalone.sweep.slots)
-                trial.set_user_attr("transport_fault", fault)
-                slots.fail_and_retry(self.study, trial)
-                return "FAIL", values, f"queued again: {fault}"
-            self.study.tell(trial, state=TrialState.FAIL)
-            return "FAIL", values, ""
-        broken = []
-        for constraint in self.plan.constraints:
-            violation = constraint.violation(measured[constraint.name])
-            trial.set_constraint(str(constraint), violation)
-            if violation > 0:
-                broken.append(str(constraint))
-        note = f"infeasible: breaks {', '.join(broken)}" if broken else ""
-        self.study.tell(trial, values if len(values) > 1 else values[0])
-        if self.plan.constraints and self.client and "mlflow_run_id" in trial.user_attrs:
-            try:  # after tell: the study holds the trial whatever the server does
-                self.client.set_tag(trial.user_attrs["mlflow_run_id"], "optuna.feasible",
-                                    str(not note).lower())
-            except Exception as err:  # noqa: BLE001 - a tag never stops the sweep
-                log.warning("could not tag trial %d's run feasible: %s", trial.number, err)
-        return "COMPLETE", values, note

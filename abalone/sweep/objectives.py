@@ -1,5 +1,5 @@
-"""What a sweep optimises: its metrics and constraints, feasibility, the Pareto front and the
-champion, the stop rules, and which finished trials log their model."""
+"""What a sweep optimises: its metrics and constraints, the Pareto front and the champion, and
+the stop rules (feasibility and the model check: abalone.study.trials)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from abalone.config import ConfigError
-from abalone.sweep.space import WARM_START_OF
+from abalone.study.trials import WARM_START_OF, candidates
 from abalone.trial import MEASURED
 
 # Study user attribute set when the stop rule ends the study: reason, n_trials, after_trial.
@@ -94,21 +93,10 @@ def stagnation(study: optuna.Study, rule: str, patience: int, since: int,
             f"{len(own)} trials (stop.rule=terminator)")
 
 
-def is_feasible(trial: FrozenTrial) -> bool:
-    return all(v <= 0 for v in trial.constraints.values())
-
-
 def dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
     signs = [1 if d == "minimize" else -1 for d in directions]
     pairs = [(s * x, s * y) for s, x, y in zip(signs, a, b)]
     return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
-
-
-def candidates(study: optuna.Study) -> list[FrozenTrial]:
-    """Trials that may become the champion: this study's own COMPLETE, feasible trials (copies
-    from `warm_start_from` only inform the sampler)."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if is_feasible(t) and WARM_START_OF not in t.user_attrs]
 
 
 def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
@@ -123,20 +111,3 @@ def champion(front: list[FrozenTrial], directions: list[str]) -> FrozenTrial | N
         return None
     sign = 1 if directions[0] == "minimize" else -1
     return min(front, key=lambda t: (sign * t.values[0], t.number))
-
-
-def model_check(study: optuna.Study, every_model: bool) -> Callable[[float], bool]:
-    """Whether a finished trial with a value of the first metric logs its model: with every
-    model kept, or when it is at least as good as every trial that may become the champion so
-    far (`candidates`). Those stay candidates, and the champion is the best of them on the first
-    metric (also within a Pareto front), so it always passed this check, also when several
-    processes finish trials at once (ties log both)."""
-    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-
-    def logs_model(value: float) -> bool:
-        values = [t.values[0] for t in candidates(study)]
-        if every_model or not values:
-            return True
-        return value >= max(values) if maximize else value <= min(values)
-
-    return logs_model

@@ -12,9 +12,10 @@ from mlflow.entities import Metric, RunTag
 from optuna.trial import FrozenTrial, TrialState
 
 from abalone.config import AbaloneError
+from abalone.study.trials import WARM_START_OF, candidates
 from abalone.sweep import objectives, slots
 from abalone.sweep.lock import study_lock
-from abalone.sweep.space import WARM_START_OF
+from abalone.sweep.state import SweepState
 from abalone.tracking import sweep_runs, where_to_look
 from abalone.tracking.registry import IDENTITY
 from abalone.trial import BEST_OBJECTIVE
@@ -33,9 +34,9 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def best(sweep):
+def best(sweep: SweepState):
     """(the Pareto front of the study's own feasible COMPLETE trials, the champion)."""
-    front = objectives.pareto_front(objectives.candidates(sweep.study), sweep.plan.directions)
+    front = objectives.pareto_front(candidates(sweep.study), sweep.plan.directions)
     return front, objectives.champion(front, sweep.plan.directions)
 
 
@@ -85,7 +86,7 @@ def shown_values(metrics: list[str], state: str, values, frozen: FrozenTrial) ->
     return "  ".join(f"{m} -" for m in metrics)
 
 
-def trial_line(sweep, trial, state: str, values, error, seconds: float, note: str) -> None:
+def trial_line(sweep: SweepState, trial, state: str, values, error, seconds: float, note: str) -> None:
     """The trial's line, and the best objective so far on the parent run."""
     plan = sweep.plan
     front, champion = best(sweep)
@@ -122,7 +123,28 @@ def print_table(plan, candidates, front) -> None:
                  trial.user_attrs.get("mlflow_run_id", "-"), params)
 
 
-def finish(sweep) -> None:
+def register(sweep: SweepState, champion: FrozenTrial, champion_run) -> None:
+    """Register the champion's model, and say so on the terminal and the parent run."""
+    plan, client = sweep.plan, sweep.client
+    metrics = {k: v for k, v in champion_run.data.metrics.items()
+               if k.startswith(("test_", "best_val_"))}
+    # Processes of one study that end together each get here: one registers, the next finds
+    # the version there.
+    with study_lock(sweep.storage, f"{plan.study_name}.registration"):
+        message = sweep_runs.register_champion(
+            client, sweep.tracking_cfg.registered_model, champion.user_attrs["mlflow_run_id"],
+            champion.user_attrs["mlflow_model_uri"], metrics,
+            tags={**{k: champion_run.data.tags[k] for k in IDENTITY
+                     if k in champion_run.data.tags},
+                  "sweep": str(plan.settings.sweep_name), "study": plan.study_name,
+                  "trial": str(champion.number),
+                  "objective": ", ".join(f"{v:.4g}" for v in champion.values),
+                  "objective_metric": plan.metric_label})
+    log.info("%s", message)
+    client.set_tag(sweep.parent_run_id, "registration", message)
+
+
+def finish(sweep: SweepState) -> None:
     """Once no process runs trials of the study: its tallies, the top trials, the study's plots
     on the parent run, and the champion registered; the parent run ends FINISHED."""
     plan, study = sweep.plan, sweep.study
@@ -146,7 +168,7 @@ def finish(sweep) -> None:
         feasible = " feasible" if tally["COMPLETE"] else ""
         raise AbaloneError(f"study {plan.study_name!r} has no{feasible} COMPLETE trial; "
                            "nothing to register")
-    print_table(plan, objectives.candidates(study), front)
+    print_table(plan, candidates(study), front)
     if not client:
         return
     run_id = champion.user_attrs["mlflow_run_id"]
@@ -171,22 +193,7 @@ def finish(sweep) -> None:
     for path in artifacts:
         client.log_artifact(parent, str(path), artifact_path="optuna")
     if sweep.tracking_cfg.register:
-        metrics = {k: v for k, v in champion_run.data.metrics.items()
-                   if k.startswith(("test_", "best_val_"))}
-        # Processes of one study that end together each get here: one registers, the next
-        # finds the version there.
-        with study_lock(sweep.storage, f"{plan.study_name}.registration"):
-            message = sweep_runs.register_champion(
-                client, sweep.tracking_cfg.registered_model, run_id,
-                champion.user_attrs["mlflow_model_uri"], metrics,
-                tags={**{k: champion_run.data.tags[k] for k in IDENTITY
-                         if k in champion_run.data.tags},
-                      "sweep": str(plan.settings.sweep_name), "study": plan.study_name,
-                      "trial": str(champion.number),
-                      "objective": ", ".join(f"{v:.4g}" for v in champion.values),
-                      "objective_metric": plan.metric_label})
-        log.info("%s", message)
-        client.set_tag(parent, "registration", message)
+        register(sweep, champion, champion_run)
     client.set_terminated(parent, "FINISHED")
     log.info("look: %s", where_to_look(
         sweep.experiment_id, f"tags.`optuna.study_name` = '{plan.study_name}'"))

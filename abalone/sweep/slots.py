@@ -35,11 +35,11 @@ from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from abalone.accidents import HOST, PID_NAMESPACE, process_alive
-from abalone.sweep.space import WARM_START_OF
+from abalone.study.storage import RETRY
+from abalone.study.trials import WARM_START_OF
 
 log = logging.getLogger(__name__)
 OCCUPYING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)
 
 
 def retried_number(trial: FrozenTrial) -> int | None:
@@ -121,11 +121,6 @@ def mark_owner(trial: optuna.Trial) -> None:
     trial.set_user_attr("heartbeat", time.time())
     # Last: a trial with a pid has the rest (a crash or a full disk may cut the writes short).
     trial.set_user_attr("pid", os.getpid())
-
-
-def heartbeat_interval(stale_after: float) -> int:
-    """Seconds between a running trial's heartbeats: several within `stale_after`."""
-    return int(max(1.0, min(60.0, stale_after / 4)))
 
 
 class Heartbeat:

@@ -15,9 +15,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from optuna.trial import TrialState
 
 from abalone.config import ConfigError
-
-# User attribute of a trial copied from another study (warm_start_from): "<study>#<number>".
-WARM_START_OF = "warm_start_of"
+from abalone.study.trials import WARM_START_OF
 
 
 def search_space(params: dict[str, Any], arguments: list[str]

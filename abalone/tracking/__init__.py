@@ -1,7 +1,8 @@
-"""MLflow tracking: the connection to the server (`connection`), the store (`store`), how a
-failure reads (`failures`), one run's life and records (`runs`), a registered model's signature and
-the rule that it holds models of one table (`registry`), a sweep's parent run and champion
-(`sweep_runs`); `mlflow_retries` holds the one reach into MLflow's private code."""
+"""MLflow tracking: the connection to the server (`connection`), the store (`store`), how a failure
+reads (`failures`), one run's life and model (`runs`), what a started run records (`records`), a
+registered model's signature and the rule that it holds models of one table (`registry`), a
+sweep's parent run and champion (`sweep_runs`); `mlflow_retries` holds the one reach into
+MLflow's private code."""
 
 from abalone.tracking.connection import (OUTAGE, TRANSIENT_MLFLOW_CODES, TrackingError,
                                          connect)

@@ -293,12 +293,7 @@ def connect(tracking_cfg) -> str:
     reported in seconds; later requests wait out an outage for tracking.outage_grace seconds
     (`ServerOutage`).
     """
-    if tracking_cfg.arn or tracking_cfg.server_name:
-        from abalone.aws import sagemaker_tracking_uri
-
-        uri = sagemaker_tracking_uri(tracking_cfg)
-    else:
-        uri = tracking_cfg.uri
+    uri = store.tracking_uri(tracking_cfg)
     mlflow.set_tracking_uri(uri)
     if (uri, tracking_cfg.experiment) in _connected:
         return _connected[uri, tracking_cfg.experiment]

@@ -1,4 +1,5 @@
-"""The MLflow store a process writes to: a local SQLite file or a server. A SQLite store is
+"""The MLflow store a process writes to: a local SQLite file or a server, as the tracking config
+names it (`tracking_uri`, `local_store`). A SQLite store is
 created (and its schema migrated) by the first request of the first process; MLflow's migration
 is not safe from several processes at once, so that request holds a file lock beside the
 database (`creating`). A store that fails its first request is named as what it is: the SQLite
@@ -13,6 +14,32 @@ from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 from abalone.redact import redact
+
+
+def tracking_uri(tracking_cfg) -> str:
+    """The store the tracking config names: the SageMaker MLflow server of tracking.arn or
+    tracking.server_name (looked up), else tracking.uri."""
+    if on_sagemaker(tracking_cfg):
+        from abalone.aws import sagemaker_tracking_uri
+
+        return sagemaker_tracking_uri(tracking_cfg)
+    return tracking_cfg.uri
+
+
+def on_sagemaker(tracking_cfg) -> bool:
+    """Whether tracking.arn or tracking.server_name names a SageMaker MLflow server, which
+    tracking.uri then gives way to."""
+    return bool(tracking_cfg.arn or tracking_cfg.server_name)
+
+
+def local_store(tracking_cfg) -> str | None:
+    """tracking.uri when runs are tracked in a store in a file on this machine (SQLite, a
+    folder), which processes on other hosts cannot write to; None for a server."""
+    uri = tracking_cfg.uri or ""
+    if tracking_cfg.enabled and not on_sagemaker(tracking_cfg) and (
+            "://" not in uri or uri.startswith(("sqlite:", "file:"))):
+        return uri
+    return None
 
 
 def sqlite_file(uri: str) -> Path | None:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from abalone.config import ConfigError
 from abalone.redact import redact
+from abalone.tracking.store import local_store
 
 
 class Workers(Protocol):
@@ -45,9 +46,8 @@ def check_remote(workers: str, storage: str, tracking_cfg) -> None:
             f"workers={workers} cannot share (they run in their own file systems, and Optuna's "
             "file storages only lock within one machine); use a database all workers reach, e.g. "
             "hydra.sweeper.storage=postgresql+psycopg2://USER@HOST:5432/DB")
-    uri = tracking_cfg.uri or ""
-    if tracking_cfg.enabled and not (tracking_cfg.arn or tracking_cfg.server_name) and (
-            "://" not in uri or uri.startswith(("sqlite:", "file:"))):
+    uri = local_store(tracking_cfg)
+    if uri is not None:
         raise ConfigError(
             f"tracking.uri={redact(uri)} is a store on this machine, which workers={workers} "
             "cannot write to; use an MLflow server all workers reach (tracking=server "

@@ -50,7 +50,7 @@ def our_costs(folder: Path) -> dict:
     import mlflow
     import optuna
 
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     storage = make_storage(f"{folder}/optuna-studies.journal")
     (summary,) = optuna.get_all_study_summaries(storage)

@@ -213,7 +213,7 @@ def one_sweep(number: int, seed: int, services: Services, data: str, root: Path)
     import mlflow
     import optuna
 
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     plan = schedule(seed, services.postgres is not None, services.image is not None)
     study_name = f"soak-{number}"

@@ -119,7 +119,7 @@ def fleet_run(args, storage_url: str, database_url: str, workers: int,
     import optuna
     import sqlalchemy
 
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     study_name = f"fleet-{workers}-{time.time_ns()}"
     optuna.create_study(study_name=study_name, storage=make_storage(storage_url))
@@ -194,7 +194,7 @@ def bench_fleet_storage(args) -> dict:
     import optuna
     from optuna.storages import GrpcStorageProxy
 
-    from abalone.sweep.slots import heartbeat_interval
+    from abalone.study.storage import heartbeat_interval
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = {"epochs": args.fleet_epochs, "epoch_seconds": args.fleet_epoch_seconds,

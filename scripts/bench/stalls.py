@@ -29,7 +29,7 @@ def trial_gaps(folder: Path, watch_dir: Path) -> dict:
     job's start, and from the ask's start to the job's start; the stack dumps."""
     import optuna
 
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     storage = make_storage(f"{folder}/optuna-studies.journal")
     (summary,) = [s for s in optuna.get_all_study_summaries(storage)

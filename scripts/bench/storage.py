@@ -11,7 +11,7 @@ def bench_storage(args) -> dict:
     """Seconds of storage work per trial (ask, owner attributes, one report per epoch, tell)."""
     import optuna
 
-    from abalone.sweep.storage import make_storage
+    from abalone.study.storage import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     targets = {"journal_file": None}

@@ -73,7 +73,7 @@ class SimulatedLauncher(Launcher):
             context.trial.report(value, epoch)
             pruned = context.trial.should_prune()
             self.spans["report"].append(time.perf_counter() - start)
-            if pruned:  # as abalone.run's trial raises it, read by the loop's `run_one`
+            if pruned:  # as abalone.run's trial raises it (abalone.sweep.launchers.job_outcome)
                 status = JobStatus.FAILED
                 value = optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
                 break

@@ -1,4 +1,4 @@
-"""The study's storage: a journal file (one machine; abalone/sweep/journal.py), a database
+"""The study's storage: a journal file (one machine; abalone/study/journal.py), a database
 (several hosts; its password from Secrets Manager if asked), or Optuna's gRPC storage proxy
 (large fleets), each failing in seconds, with the reason and without the password, when it
 cannot be opened."""
@@ -11,13 +11,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from abalone.config import AbaloneError, ConfigError
 from abalone.redact import redact
-from abalone.sweep.journal import Journal
-from abalone.sweep.slots import RETRY, heartbeat_interval
+from abalone.study.journal import Journal
 
 CONNECT_TIMEOUT = 5  # seconds to reach a database storage or a storage proxy
+# Fails a stale trial and queues its parameters again (abalone.sweep.slots).
+RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)
+
+
+def heartbeat_interval(stale_after: float) -> int:
+    """Seconds between a running trial's heartbeats: several within `stale_after`."""
+    return int(max(1.0, min(60.0, stale_after / 4)))
 
 
 class StorageError(AbaloneError):
