@@ -51,7 +51,9 @@ def test_trials_compare_in_the_mlflow_ui(tmp_path, data_file, mlflow_server, bro
     client = MlflowClient(tracking_uri=mlflow_server)
     (parent,), trials = sweep_runs(client)
     study_name = parent.data.tags["optuna.study_name"]
-    (link,) = re.findall(r"look: (\S+)", out)
+    # The link is printed when the sweep starts and again when it ends.
+    first, link = re.findall(r"look: (\S+)", out)
+    assert first == link
     assert link.startswith(f"{mlflow_server}/#/experiments/{parent.info.experiment_id}/runs?")
     assert "workflowType=machine_learning" in link and "searchFilter=" in link
     by_state = {state: [r for r in trials if r.data.tags["optuna.state"] == state]
