@@ -432,3 +432,16 @@ def test_each_pruner_is_made_from_its_settings():
     assert (halving._min_resource, halving._reduction_factor) == (3, 3)
     assert isinstance(made["none"], optuna.pruners.NopPruner)
     assert algorithms.SETTINGS_USED["successive_halving"] == ("min_resource", "reduction_factor")
+
+
+def test_every_process_of_a_grid_study_shares_its_shuffle():
+    # A trial's grid id names a point of the sampler's shuffled grid: a process (or a rerun)
+    # with another rank must map ids to the same points, or it runs one point twice.
+    swept = {"optimizer.lr": CategoricalDistribution([0.02, 0.01, 0.005]),
+             "model": CategoricalDistribution(["wide", "deep"])}
+    grids = [algorithms.make_sampler(SamplerConf(name="grid"), swept, rank=rank)._all_grids
+             for rank in (0, 1, 5)]
+    assert grids[0] == grids[1] == grids[2]
+    others = [algorithms.make_sampler(SamplerConf(name="random"), swept, rank=rank)
+              for rank in (0, 1)]
+    assert others[0]._rng.rng.random() != others[1]._rng.rng.random()  # they differ per rank

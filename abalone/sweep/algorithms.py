@@ -135,11 +135,13 @@ def sampler_node(conf) -> DictConfig:
 def make_sampler(conf, space: dict[str, BaseDistribution], rank: int,
                  n_objectives: int = 1) -> optuna.samplers.BaseSampler:
     """The configured sampler, its seed offset by the process's rank (`process_rank`) so no two
-    processes of a study draw the same sequence."""
+    processes of a study draw the same sequence; except the grid sampler's: its seed shuffles
+    the grid, and a trial's grid id means the same point only under the same shuffle (a rerun
+    with another seed ran one point twice and skipped another)."""
     name = node_name(conf)
     check_sampler(name, space, n_objectives)
     node = sampler_node(conf)
-    if node.seed is not None:
+    if node.seed is not None and name != "grid":
         node.seed += rank
     extra = {"search_space": grid_values(space)} if name == "grid" else {}
     return instantiate(node, **extra, _convert_="all")
