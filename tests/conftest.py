@@ -30,7 +30,8 @@ import pytest
 from bench.services import (  # noqa: F401 - test files import them from here
     Postgres, container_of, free_port, start_mlflow_server, stop, wait_for_http)
 from left_behind import (  # noqa: F401 - hooks: no process left behind at the session's end
-    pytest_configure, pytest_runtest_setup, pytest_sessionfinish, pytest_testnodedown)
+    pytest_configure, pytest_runtest_setup, pytest_runtest_teardown, pytest_sessionfinish,
+    pytest_testnodedown)
 
 REPO = Path(__file__).resolve().parents[1]
 # How long one tiny CLI run may take before the test calls it hung (import + 2 epochs ~ 15 s).

@@ -23,6 +23,9 @@ MARK = "ABALONE_TEST_PROCESS"
 GRACE = 20  # seconds for processes signalled in a teardown to end before they count
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _test_starts: list[tuple[float, str]] = []  # (seconds since boot, nodeid), in order
+# (pid, start) -> the test after whose teardown the process was first seen running: exact where
+# start times (10 ms ticks) cannot tell two quick tests apart.
+_first_seen: dict[tuple[int, float], str] = {}
 _reported: list[str] = []  # under xdist, the controller's collection of its workers' lines
 
 
@@ -34,6 +37,12 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     _test_starts.append((time.clock_gettime(time.CLOCK_BOOTTIME), item.nodeid))
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item, nextitem):
+    for pid, (start, _) in started_by_us().items():
+        _first_seen.setdefault((pid, start), item.nodeid)
 
 
 def started_by_us() -> dict[int, tuple[float, str]]:
@@ -74,7 +83,8 @@ def left_behind() -> list[str]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return [f"pid {pid} `{command[:200]}`, started during {_started_during(start)}"
+    return [f"pid {pid} `{command[:200]}`, started during "
+            f"{_first_seen.get((pid, start)) or _started_during(start)}"
             for pid, (start, command) in sorted(found.items())]
 
 

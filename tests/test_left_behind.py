@@ -38,6 +38,7 @@ def test_one_that_leaves_an_orphan():
     subprocess.run(["sh", "-c", "sleep 3002 &"], check=True)  # its parent ends at once
 '''
 CONFTEST = ("from left_behind import (pytest_configure, pytest_runtest_setup, "
+            "pytest_runtest_teardown, "
             "pytest_sessionfinish, pytest_testnodedown)\n")
 
 
