@@ -107,7 +107,8 @@ def test_sigterm_ends_a_single_run_killed_with_one_line(tmp_path, data_file, mon
     assert out.rstrip().splitlines()[-1] == (
         "interrupted by SIGTERM: the run ended KILLED; nothing was registered")
     monkeypatch.chdir(tmp_path)
-    client = MlflowClient(tracking_uri="sqlite:///mlflow.db", registry_uri="sqlite:///mlflow.db")
+    store = f"sqlite:///{tmp_path}/mlflow.db"  # absolute: MLflow caches stores by URI
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name(
         "abalone-tensorflow-experiment").experiment_id])
     assert run.info.status == "KILLED"

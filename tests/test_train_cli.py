@@ -87,7 +87,10 @@ def test_run_is_tracked_in_local_sqlite(tmp_path, data_file, monkeypatch):
     done = run_cli([*TINY, "model=wide", "optimizer.lr=0.01"], cwd=tmp_path, data=data_file)
     assert done.returncode == 0, done.stderr[-3000:]
     monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
-    run_id = assert_complete_run("sqlite:///mlflow.db", data_file,
+    # The store by its absolute path: MLflow caches stores by URI, and a relative one another
+    # test opened in this process would still point into that test's folder.
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = assert_complete_run(store, data_file,
                                  {"model": "wide", "model.units": "256", "optimizer": "adam",
                                   "tracking": "local", "optimizer.lr": "0.01"}, monkeypatch)
     out = done.stdout + done.stderr
@@ -120,7 +123,7 @@ def test_run_is_tracked_in_local_sqlite(tmp_path, data_file, monkeypatch):
                  [*TINY, "tracking.register=false", "tracking.run_name=mine"]):
         again = run_cli(args, cwd=tmp_path, data=data_file)
         assert again.returncode == 0, again.stderr[-3000:]
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(store)
     names = [r.info.run_name for r in client.search_runs(["1"], order_by=["start_time ASC"])]
     assert len(names) == 3 and names[2] == "mine", names
     assert names[0].startswith("wide-abalone-2") and names[1].startswith("mlp-abalone-2"), names
